@@ -1,0 +1,10 @@
+"""Attribution methods behind one calling convention (see ``base``).
+
+Importing this package registers every method; adding one means one file here and
+one import line below.
+"""
+
+from la_iprop.attribution.base import (MethodSpec, available_methods, get_method, method_hparams,
+                                       register_method)
+
+__all__ = ["MethodSpec", "available_methods", "get_method", "method_hparams", "register_method"]

@@ -1,0 +1,115 @@
+"""The calling convention shared by every attribution method, and its registry.
+
+A method is a pure function::
+
+    method(logit_fn, images, labels, *, key, **hparams) -> attributions
+
+with ``images`` NHWC float32 in [0, 1], ``labels`` the classes to explain (None: the
+predicted class), ``key`` a ``jax.random`` key and ``attributions.shape ==
+images.shape``. Hyperparameters are static (keyword-only, with defaults).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from la_iprop.checks import check_images, check_labels
+
+__all__ = ["MethodSpec", "register_method", "get_method", "available_methods", "as_pytree_fn",
+           "prepare_inputs", "class_probability", "method_hparams", "split_per_image"]
+
+
+def as_pytree_fn(logit_fn: Callable) -> Callable:
+    """Makes ``logit_fn`` safe to pass *into* ``jax.jit`` as an argument.
+
+    A :class:`~la_iprop.models.ModelFn` already is a pytree (weights as leaves); any
+    other callable becomes a leafless ``Partial`` (static, cached by identity).
+    """
+    if not callable(logit_fn):
+        raise TypeError(f"logit_fn must be callable (images -> logits), got {type(logit_fn).__name__}")
+    leaves, treedef = jax.tree_util.tree_flatten(logit_fn)
+    if isinstance(logit_fn, jax.tree_util.Partial) or (leaves and not _is_opaque(treedef)):
+        return logit_fn
+    return jax.tree_util.Partial(logit_fn)
+
+
+def _is_opaque(treedef) -> bool:
+    return treedef.num_leaves == 1 and treedef.num_nodes == 1
+
+
+def prepare_inputs(logit_fn: Callable, images: Any, labels: Any, *, key: Any = None,
+                   need_key: bool = False) -> tuple[Callable, jax.Array, jax.Array, jax.Array | None]:
+    """Validates the convention's arguments; ``labels=None`` means the predicted class."""
+    logit_fn = as_pytree_fn(logit_fn)
+    images = check_images(images)
+    if labels is None:
+        labels = _predict(logit_fn, images)
+    num_classes = getattr(logit_fn, "num_classes", None)
+    labels = check_labels(labels, images.shape[0], num_classes)
+    if need_key:
+        if key is None:
+            raise ValueError("key is required: pass key=jax.random.PRNGKey(seed)")
+        key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
+        if not (jnp.issubdtype(key.dtype, jax.dtypes.prng_key) or (key.shape == (2,) and key.dtype == jnp.uint32)):
+            raise ValueError(f"key must be a jax.random key (PRNGKey or key()), got shape {key.shape} dtype {key.dtype}")
+    return logit_fn, images, labels, key
+
+
+@jax.jit
+def _predict(logit_fn, images):
+    return jnp.argmax(logit_fn(images), axis=-1).astype(jnp.int32)
+
+
+def class_probability(logit_fn: Callable, image: jax.Array, label: jax.Array) -> jax.Array:
+    """Softmax probability of ``label`` for ONE image (HWC); scalar."""
+    return jax.nn.softmax(logit_fn(image[None])[0])[label]
+
+
+def split_per_image(key: jax.Array, batch: int) -> jax.Array:
+    """One independent key per image: image i's key depends only on (key, i)."""
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(batch))
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    fn: Callable
+    description: str
+    quick: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # cheap settings for CPU smoke runs
+    needs_reference_set: bool = False  # e.g. Expected Gradients: pass reference_images=...
+
+
+_METHODS: dict[str, MethodSpec] = {}
+
+
+def register_method(name: str, *, description: str, quick: Mapping[str, Any] | None = None,
+                    needs_reference_set: bool = False):
+    """Decorator: ``@register_method("ig", description=...)``."""
+    def wrap(fn):
+        if name in _METHODS:
+            raise ValueError(f"method {name!r} is already registered")
+        _METHODS[name] = MethodSpec(name, fn, description, dict(quick or {}), needs_reference_set)
+        return fn
+    return wrap
+
+
+def available_methods() -> list[str]:
+    return sorted(_METHODS)
+
+
+def get_method(name: str) -> MethodSpec:
+    if name not in _METHODS:
+        raise ValueError(f"unknown method {name!r}; registered methods: {', '.join(available_methods())}")
+    return _METHODS[name]
+
+
+def method_hparams(name: str) -> dict[str, Any]:
+    """The keyword hyperparameters of a registered method and their defaults."""
+    sig = inspect.signature(get_method(name).fn)
+    return {p.name: p.default for p in sig.parameters.values()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "key"}

@@ -1,0 +1,121 @@
+"""Argument checks shared by every public entry point.
+
+Each check raises ``ValueError`` (or ``TypeError``) naming the argument and what was
+expected, so bad input never surfaces as a traceback from inside XLA.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "check_images",
+    "check_labels",
+    "check_like",
+    "check_positive",
+    "check_nonnegative",
+    "check_int_at_least",
+    "check_in_range",
+    "check_choice",
+    "check_finite",
+]
+
+
+def _is_traced(x: Any) -> bool:
+    return isinstance(x, jax.core.Tracer)
+
+
+def check_images(images: Any, name: str = "images", *, check_range: bool = True) -> jax.Array:
+    """Images must be float NHWC with 3 channels and values in [0, 1]."""
+    if not hasattr(images, "shape"):
+        raise TypeError(f"{name} must be an array of shape [batch, height, width, 3], got {type(images).__name__}")
+    images = jnp.asarray(images)
+    if images.ndim != 4:
+        raise ValueError(f"{name} must have rank 4 [batch, height, width, 3] (NHWC), got shape {images.shape}")
+    if images.shape[-1] != 3:
+        raise ValueError(f"{name} must have 3 channels in the last axis (NHWC RGB), got shape {images.shape}")
+    if images.shape[0] == 0:
+        raise ValueError(f"{name} must hold at least one image, got shape {images.shape}")
+    if not jnp.issubdtype(images.dtype, jnp.floating):
+        raise ValueError(f"{name} must be floating point with values in [0, 1], got dtype {images.dtype}")
+    if check_range and not _is_traced(images):
+        lo, hi = float(jnp.min(images)), float(jnp.max(images))
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            raise ValueError(f"{name} contains NaN or infinite values")
+        if lo < 0.0 or hi > 1.0:
+            raise ValueError(f"{name} must have values in [0, 1], got range [{lo:.4g}, {hi:.4g}]")
+    return images.astype(jnp.float32)
+
+
+def check_labels(labels: Any, batch: int, num_classes: int | None = None, name: str = "labels") -> jax.Array:
+    """Labels must be integer class indices, one per image."""
+    labels = jnp.asarray(labels)
+    if labels.ndim == 0:
+        labels = jnp.broadcast_to(labels, (batch,))
+    if labels.shape != (batch,):
+        raise ValueError(f"{name} must have shape ({batch},) (one class per image), got {labels.shape}")
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise ValueError(f"{name} must be integer class indices, got dtype {labels.dtype}")
+    if num_classes is not None and not _is_traced(labels):
+        lo, hi = int(jnp.min(labels)), int(jnp.max(labels))
+        if lo < 0 or hi >= num_classes:
+            raise ValueError(f"{name} must be class indices in [0, {num_classes}), got range [{lo}, {hi}]")
+    return labels.astype(jnp.int32)
+
+
+def check_like(array: Any, reference: jax.Array, name: str, reference_name: str = "images") -> jax.Array:
+    """An array that must have exactly the shape of ``reference``."""
+    if not hasattr(array, "shape"):
+        raise TypeError(f"{name} must be an array, got {type(array).__name__}")
+    array = jnp.asarray(array)
+    if array.shape != reference.shape:
+        raise ValueError(f"{name} must have the shape of {reference_name} {tuple(reference.shape)}, got {tuple(array.shape)}")
+    return array
+
+
+def check_finite(array: jax.Array, name: str) -> None:
+    if not _is_traced(array) and not bool(jnp.all(jnp.isfinite(array))):
+        raise ValueError(f"{name} contains NaN or infinite values")
+
+
+def _check_number(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+
+
+def check_positive(name: str, value: Any) -> None:
+    _check_number(name, value)
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+
+
+def check_nonnegative(name: str, value: Any) -> None:
+    _check_number(name, value)
+    if not value >= 0:
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
+
+
+def check_int_at_least(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_in_range(name: str, value: Any, low: float, high: float, *, high_inclusive: bool = False) -> None:
+    """``low <= value < high`` (or ``<= high`` when ``high_inclusive``)."""
+    _check_number(name, value)
+    ok = low <= value <= high if high_inclusive else low <= value < high
+    if not ok:
+        bracket = "]" if high_inclusive else ")"
+        raise ValueError(f"{name} must be in [{low}, {high}{bracket}, got {value!r}")
+
+
+def check_choice(name: str, value: Any, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {sorted(choices)}, got {value!r}")

@@ -1,0 +1,144 @@
+"""EfficientNet-Lite in Flax linen, faithful to PyPI ``efficientnet-lite-pytorch``.
+
+Lite variants differ from EfficientNet-B*: ReLU6 instead of swish, no
+squeeze-excitation, stem (32) and head (1280) not scaled. Convolutions use
+TensorFlow "SAME" padding computed from the static input size, BatchNorm eps 1e-3 in
+inference mode (running statistics from the checkpoint).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from la_iprop.models.convert import default_torch_name
+from la_iprop.models.layers import depthwise_conv, same_padding
+
+__all__ = ["EfficientNetLite", "EfficientNetLite0", "lite_torch_name", "lite_preprocess"]
+
+# (repeats, kernel, stride, expand_ratio, in_filters, out_filters) of EfficientNet-Lite0.
+LITE_BLOCKS = (
+    (1, 3, 1, 1, 32, 16),
+    (2, 3, 2, 6, 16, 24),
+    (2, 5, 2, 6, 24, 40),
+    (3, 3, 2, 6, 40, 80),
+    (3, 5, 1, 6, 80, 112),
+    (4, 5, 2, 6, 112, 192),
+    (1, 3, 1, 6, 192, 320),
+)
+
+
+def lite_preprocess(images: jax.Array) -> jax.Array:
+    """[0,1] RGB -> the inputs the Lite checkpoints were trained on: (x*255 - 127) / 128."""
+    return (images * 255.0 - 127.0) / 128.0
+
+
+def _round_filters(filters: int, width: float, divisor: int = 8) -> int:
+    if width == 1.0:
+        return filters
+    scaled = filters * width
+    new = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
+    return int(new + divisor if new < 0.9 * scaled else new)
+
+
+def _bn(name: str) -> nn.BatchNorm:
+    return nn.BatchNorm(use_running_average=True, momentum=0.99, epsilon=1e-3, name=name)
+
+
+class SameConv(nn.Module):
+    """Dense conv with TF "SAME" padding (input size known at trace time), no bias."""
+    features: int
+    kernel_size: int
+    stride: int = 1
+
+    @nn.compact
+    def __call__(self, x):
+        pad = [same_padding(x.shape[i], self.kernel_size, self.stride) for i in (1, 2)]
+        return nn.Conv(self.features, (self.kernel_size, self.kernel_size), (self.stride, self.stride),
+                       padding=pad, use_bias=False, name="conv")(x)
+
+
+class DepthwiseConv(nn.Module):
+    """Depthwise conv, TF "SAME" padding, no bias; kernel ``[k, k, channels]``."""
+    kernel_size: int
+    stride: int = 1
+    impl: str | None = None
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=()),
+                            (self.kernel_size, self.kernel_size, x.shape[-1]))
+        pad = tuple(same_padding(x.shape[i], self.kernel_size, self.stride) for i in (1, 2))
+        return depthwise_conv(x, kernel, self.stride, pad, self.impl)
+
+
+class MBConv(nn.Module):
+    kernel_size: int
+    stride: int
+    expand_ratio: int
+    out_filters: int
+    activation: Callable
+    depthwise_impl: str | None = None
+
+    @nn.compact
+    def __call__(self, inputs):
+        x = inputs
+        in_filters = inputs.shape[-1]
+        if self.expand_ratio != 1:
+            x = SameConv(in_filters * self.expand_ratio, 1, name="expand_conv")(x)
+            x = self.activation(_bn("bn0")(x))
+        x = DepthwiseConv(self.kernel_size, self.stride, self.depthwise_impl, name="depthwise_conv")(x)
+        x = self.activation(_bn("bn1")(x))
+        x = SameConv(self.out_filters, 1, name="project_conv")(x)
+        x = _bn("bn2")(x)
+        if self.stride == 1 and in_filters == self.out_filters:
+            x = x + inputs  # identity skip (drop-connect is off at inference)
+        return x
+
+
+class EfficientNetLite(nn.Module):
+    """EfficientNet-Lite on preprocessed NHWC inputs; returns logits.
+
+    ``activation`` is the model's only nonlinearity (ReLU6): DeepLIFT swaps it for a
+    multiplier-aware version with ``module.clone(activation=...)``.
+    """
+    width: float = 1.0
+    depth: float = 1.0
+    num_classes: int = 1000
+    blocks: Sequence[tuple[int, int, int, int, int, int]] = LITE_BLOCKS
+    activation: Callable = jax.nn.relu6
+    depthwise_impl: str | None = None
+
+    @nn.compact
+    def __call__(self, x):
+        x = SameConv(32, 3, 2, name="conv_stem")(x)
+        x = self.activation(_bn("bn0")(x))
+        index = 0
+        for stage, (repeats, kernel, stride, expand, _, out_filters) in enumerate(self.blocks):
+            out_filters = _round_filters(out_filters, self.width)
+            last_or_first = stage in (0, len(self.blocks) - 1)  # fixed head/stem stages
+            repeats = repeats if last_or_first else int(math.ceil(self.depth * repeats))
+            for r in range(repeats):
+                x = MBConv(kernel, stride if r == 0 else 1, expand, out_filters, self.activation,
+                           self.depthwise_impl, name=f"blocks_{index}")(x)
+                index += 1
+        x = SameConv(1280, 1, name="conv_head")(x)
+        x = self.activation(_bn("bn1")(x))
+        x = jnp.mean(x, axis=(1, 2))
+        return nn.Dense(self.num_classes, name="fc")(x)
+
+
+EfficientNetLite0 = functools.partial(EfficientNetLite, width=1.0, depth=1.0)
+
+
+def lite_torch_name(path: tuple[str, ...]) -> str:
+    """Flax path -> ``efficientnet-lite-pytorch`` name (``_blocks.3._bn1.running_var``)."""
+    path = tuple(p for p in path if p != "conv")  # SameConv wraps an nn.Conv named "conv"
+    name = default_torch_name(path)
+    parts = name.split(".")
+    return ".".join(p if p.isdigit() or i == len(parts) - 1 else f"_{p}" for i, p in enumerate(parts))

@@ -1,0 +1,44 @@
+"""Shared fixtures: the embedded Lite0, la1000 images and the official reference data."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHARED = pathlib.Path(os.environ.get("LA_IPROP_SHARED", ROOT.parent / "shared"))
+LA1000 = SHARED / "data" / "la1000"
+REFERENCE = SHARED / "reference"
+
+
+def la1000_images(indices) -> tuple[np.ndarray, np.ndarray]:
+    """la1000 images (NHWC float32 in [0,1]) and their true labels."""
+    labels = json.loads((LA1000 / "labels.json").read_text())["labels"]
+    images = np.stack([np.asarray(Image.open(LA1000 / "images" / f"{int(i)}.png").convert("RGB"),
+                                  np.float32) / 255.0 for i in indices])
+    return images, np.asarray([labels[int(i)] for i in indices], np.int32)
+
+
+def chw_to_hwc(array: np.ndarray) -> np.ndarray:
+    return np.transpose(array, (0, 2, 3, 1))
+
+
+@pytest.fixture(scope="session")
+def lite0():
+    from la_iprop.models import load_model
+    return load_model("efficientnet_lite0")
+
+
+@pytest.fixture(scope="session")
+def la_reference():
+    return dict(np.load(REFERENCE / "la_official_lite0.npz"))
+
+
+@pytest.fixture(scope="session")
+def metric_reference():
+    return dict(np.load(REFERENCE / "metric_official_lite0.npz"))
