@@ -4,6 +4,7 @@ Importing this package registers every method; adding one means one file here an
 one import line below.
 """
 
+from la_iprop.attribution import la  # noqa: F401  (registers "la")
 from la_iprop.attribution.base import (MethodSpec, available_methods, get_method, method_hparams,
                                        register_method)
 

@@ -1,0 +1,193 @@
+"""Local Attribution (LA): attribution from adversarial exploration inside a local box.
+
+Zhu, Jin, Zhang, Chen, "Enhancing Model Interpretability with Local Attribution over
+Global Exploration", ACM MM 2024 (arXiv 2408.07736). Notation: ``p = softmax(logit_fn(x))``,
+``x0`` the image, ``y`` the explained class, ``s`` = ``spatial_range``, ``T`` = ``max_iter``,
+``K`` = ``sampling_times``.
+
+- Box: ``eps = x0 / s`` per element, ``B = [x0 - eps, x0 + eps] ∩ [0, 1]``.
+- ``K - 1`` targeted runs, one per target class ``c`` (drawn without replacement; a
+  class equal to ``y`` becomes ``y + 1``, or ``y - 1`` for the last class), and one
+  untargeted run. Each run walks ``T`` steps from ``x0``; at ``x_t`` both ``g_c = grad p_c``
+  and ``g_y = grad p_y`` come from one forward pass, and
+
+      x_{t+1} = Proj_B(b_t + d * alpha * sign(g_c)),     A += -g_y * (x_{t+1} - b_t)
+
+  with ``d = +1`` for targeted runs and ``c = y, d = -1`` for the untargeted run.
+- ``update="restart"`` (the official code): ``b_t = x0`` and ``alpha = eps``: every step
+  jumps from the input to a corner of the box chosen by the gradient at ``x_t``.
+  ``update="pgd"``: ``b_t = x_t`` (projected sign-gradient ascent), so ``A`` is the path
+  integral of ``-grad p_y`` along the walk, as in AGI/MFABA.
+- Result: the plain element-wise sum of ``A`` over the ``K`` runs (no abs, no normalisation).
+
+Unlike the official code (which sums probabilities over the batch), every image is
+explained on its own: the map of an image does not depend on the rest of the batch.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from la_iprop.attribution.attack import local_box, path_sum, probability_gradients, sign_step
+from la_iprop.attribution.base import prepare_inputs, register_method, split_per_image
+from la_iprop.checks import check_choice, check_int_at_least, check_positive
+
+__all__ = ["local_attribution", "draw_target_classes", "avoid_label"]
+
+UPDATES = ("restart", "pgd")
+
+
+def avoid_label(classes: jax.Array, label: jax.Array, num_classes: int) -> jax.Array:
+    """The official replacement rule: a target equal to ``label`` becomes the next class
+    (the previous one if it is the last class)."""
+    replacement = jnp.where(classes < num_classes - 1, classes + 1, classes - 1)
+    return jnp.where(classes == label, replacement, classes)
+
+
+def draw_target_classes(key: jax.Array, num_targets: int, num_classes: int) -> jax.Array:
+    """``num_targets`` distinct classes drawn uniformly from ``[0, num_classes)`` (one image)."""
+    return jax.random.choice(key, num_classes, (num_targets,), replace=False).astype(jnp.int32)
+
+
+def _map_runs_in_chunks(run_fn: Callable, args: tuple, chunk: int | None):
+    """``jax.vmap(run_fn)(*args)`` over the leading (run) axis, ``chunk`` runs at a time.
+
+    Full chunks go through ``lax.map`` (sequential, so memory scales with ``chunk``, not
+    with the number of runs); a remainder is one more vmapped call.
+    """
+    runs = args[0].shape[0]
+    if chunk is None or chunk >= runs:
+        return jax.vmap(run_fn)(*args)
+    full = runs // chunk * chunk
+    head = lax.map(lambda a: jax.vmap(run_fn)(*a), tuple(a[:full].reshape(-1, chunk, *a.shape[1:]) for a in args))
+    head = jax.tree_util.tree_map(lambda o: o.reshape(full, *o.shape[2:]), head)
+    if full == runs:
+        return head
+    tail = jax.vmap(run_fn)(*(a[full:] for a in args))
+    return jax.tree_util.tree_map(lambda h, t: jnp.concatenate([h, t]), head, tail)
+
+
+def _explain_one(logit_fn, x0, label, targets, *, spatial_range, max_iter, update, step_size, run_chunk, keep_path):
+    """LA map of ONE image (HWC); ``targets`` [K-1] already obey the replacement rule."""
+    eps, lower, upper = local_box(x0, spatial_range)
+    alpha = step_size * eps
+    move_classes = jnp.concatenate([targets, label[None]])           # the last run is the untargeted one
+    directions = jnp.concatenate([jnp.ones(targets.shape, x0.dtype), -jnp.ones((1,), x0.dtype)])
+
+    def run(move_class, direction):
+        classes = jnp.stack([move_class, label])
+
+        def step(x, _):
+            _, (g_move, g_label) = probability_gradients(logit_fn, x, classes)   # one forward, two cotangents
+            base = x0 if update == "restart" else x
+            x_next = sign_step(base, g_move, alpha, lower, upper, direction)
+            return x_next, -g_label, x_next - base
+
+        return path_sum(step, x0, max_iter, keep_path=keep_path)
+
+    per_run, path = _map_runs_in_chunks(run, (move_classes, directions), run_chunk)
+    return per_run.sum(axis=0), path
+
+
+@functools.partial(jax.jit, static_argnames=("spatial_range", "max_iter", "update", "step_size", "run_chunk",
+                                             "keep_path"))
+def _local_attribution_batch(logit_fn, images, labels, targets, **static):
+    return jax.vmap(functools.partial(_explain_one, logit_fn, **static))(images, labels, targets)
+
+
+@functools.partial(jax.jit, static_argnames=("num_targets", "num_classes"))
+def _draw_for_batch(image_keys, num_targets, num_classes):
+    return jax.vmap(lambda k: draw_target_classes(k, num_targets, num_classes))(image_keys)
+
+
+def _num_classes(logit_fn: Callable, images: jax.Array) -> int:
+    count = getattr(logit_fn, "num_classes", None)
+    if isinstance(count, int):
+        return count
+    return int(jax.eval_shape(logit_fn, images[:1]).shape[-1])
+
+
+def _check_targets(target_classes: Any, batch: int, num_targets: int, num_classes: int) -> jax.Array:
+    targets = np.asarray(target_classes)
+    if not np.issubdtype(targets.dtype, np.integer):
+        raise ValueError(f"target_classes must be integer class indices, got dtype {targets.dtype}")
+    if targets.ndim == 1:
+        targets = np.broadcast_to(targets, (batch, targets.shape[0]))
+    if targets.shape != (batch, num_targets):
+        raise ValueError(f"target_classes must have shape ({num_targets},) or ({batch}, {num_targets}) "
+                         f"(sampling_times - 1 = {num_targets} targets per image), got {np.shape(target_classes)}")
+    if targets.size and (targets.min() < 0 or targets.max() >= num_classes):
+        raise ValueError(f"target_classes must be class indices in [0, {num_classes}), "
+                         f"got range [{targets.min()}, {targets.max()}]")
+    return jnp.asarray(targets, jnp.int32)
+
+
+@register_method("la", description="Local Attribution (Zhu et al., ACM MM 2024): adversarial exploration in a local box",
+                 quick={"max_iter": 10, "sampling_times": 6})
+def local_attribution(logit_fn: Callable, images: Any, labels: Any = None, *, key: Any = None,
+                      spatial_range: float = 10.0, max_iter: int = 30, sampling_times: int = 20,
+                      update: str = "restart", step_size: float | None = None, target_classes: Any = None,
+                      run_chunk: int | None = None, return_iterates: bool = False):
+    """Local Attribution maps, shape of ``images`` (NHWC, [0, 1]).
+
+    Args:
+      logit_fn: ``images -> logits`` (e.g. a :class:`~la_iprop.models.ModelFn`).
+      images: ``[B, H, W, 3]`` float in [0, 1].
+      labels: ``[B]`` classes to explain; None: the predicted class (as the official code).
+      key: ``jax.random`` key for the target classes (image ``i`` uses ``fold_in(key, i)``);
+        not needed when ``target_classes`` is given.
+      spatial_range: ``s``; the box radius is ``eps = x0 / s``.
+      max_iter: ``T``, steps per run.
+      sampling_times: ``K``, runs per image: ``K - 1`` targeted + 1 untargeted.
+      update: ``"restart"`` (official: every step from ``x0`` with step ``eps``) or ``"pgd"``
+        (projected sign-gradient ascent from ``x_t``).
+      step_size: the step ``alpha`` in units of the per-element radius ``eps``
+        (``alpha = step_size * eps``). None: 1 for ``"restart"`` (the official step) and
+        ``2 / max_iter`` for ``"pgd"`` (so ``T`` steps can cross the box from face to face).
+      target_classes: ``[K-1]`` (same for every image) or ``[B, K-1]`` explicit targets;
+        the replace-if-equal-to-label rule still applies. None: drawn from ``key``.
+      run_chunk: runs evaluated together (the model sees ``B * run_chunk`` images per
+        step); None: all ``K`` at once. Bounds memory; the result does not depend on it.
+      return_iterates: debugging: also return the iterates ``x_1..x_T`` of every run,
+        shape ``[B, K, T, H, W, 3]`` (run ``K - 1`` is the untargeted one).
+
+    Returns:
+      The attributions (and the iterates when ``return_iterates``).
+    """
+    check_positive("spatial_range", spatial_range)
+    check_int_at_least("max_iter", max_iter, 1)
+    check_int_at_least("sampling_times", sampling_times, 1)
+    check_choice("update", update, UPDATES)
+    if step_size is not None:
+        check_positive("step_size", step_size)
+    if run_chunk is not None:
+        check_int_at_least("run_chunk", run_chunk, 1)
+    num_targets = sampling_times - 1
+    need_key = target_classes is None and num_targets > 0
+    logit_fn, images, labels, key = prepare_inputs(logit_fn, images, labels, key=key, need_key=need_key)
+    batch = images.shape[0]
+    num_classes = _num_classes(logit_fn, images)
+    if num_targets > num_classes:
+        raise ValueError(f"sampling_times - 1 = {num_targets} targets cannot be drawn without replacement "
+                         f"from {num_classes} classes")
+    if target_classes is None:
+        if num_targets:
+            targets = _draw_for_batch(split_per_image(key, batch), num_targets, num_classes)
+        else:
+            targets = jnp.zeros((batch, 0), jnp.int32)
+    else:
+        targets = _check_targets(target_classes, batch, num_targets, num_classes)
+    targets = avoid_label(targets, labels[:, None], num_classes)
+    if step_size is None:
+        step_size = 1.0 if update == "restart" else 2.0 / max_iter
+    attributions, iterates = _local_attribution_batch(
+        logit_fn, images, labels, targets, spatial_range=float(spatial_range), max_iter=int(max_iter),
+        update=update, step_size=float(step_size), run_chunk=None if run_chunk is None else int(run_chunk),
+        keep_path=bool(return_iterates))
+    return (attributions, iterates) if return_iterates else attributions

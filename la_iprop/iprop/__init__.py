@@ -1,0 +1,22 @@
+"""IProp: attribution post-processing by information propagation over a pixel graph.
+
+Yang, Wang, Bilgic, "Leveraging Local Structure for Improving Model Explanations: An
+Information Propagation Approach" (CIKM 2024). Pixels are nodes of a KNN graph in the joint
+spatial + colour space (:mod:`~la_iprop.iprop.graph`); an attribution gives each pixel a
+reward and the output is the value of the Markov Reward Process ``V = r + gamma P V``
+(:mod:`~la_iprop.iprop.propagate`). :func:`iprop` applies it to a batch of maps and
+:func:`with_iprop` wraps any attribution method. Defaults: :mod:`~la_iprop.iprop.defaults`.
+"""
+
+from la_iprop.iprop.defaults import (COLOR_SPACES, DEFAULT_COLOR_SPACE, DEFAULT_GAMMA, DEFAULT_K, DEFAULT_MAX_ITER,
+                                     DEFAULT_RADIUS, DEFAULT_REWARD, DEFAULT_SIGMA_C, DEFAULT_SIGMA_S, DEFAULT_TOL,
+                                     REWARD_RULES, IPropConfig)
+from la_iprop.iprop.graph import PixelGraph, knn_graph, rgb_to_lab, to_dense
+from la_iprop.iprop.meta import IPROP_SUFFIX, iprop, iprop_name, iprop_single, parse_iprop_name, with_iprop
+from la_iprop.iprop.propagate import iteration_bound, propagate, propagation_step, reward_from_attribution
+
+__all__ = ["COLOR_SPACES", "DEFAULT_COLOR_SPACE", "DEFAULT_GAMMA", "DEFAULT_K", "DEFAULT_MAX_ITER", "DEFAULT_RADIUS",
+           "DEFAULT_REWARD", "DEFAULT_SIGMA_C", "DEFAULT_SIGMA_S", "DEFAULT_TOL", "REWARD_RULES", "IPROP_SUFFIX",
+           "IPropConfig", "PixelGraph", "knn_graph", "rgb_to_lab", "to_dense", "iprop", "iprop_name", "iprop_single",
+           "parse_iprop_name", "with_iprop", "iteration_bound", "propagate", "propagation_step",
+           "reward_from_attribution"]

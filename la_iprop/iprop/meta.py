@@ -1,0 +1,130 @@
+"""IProp as a meta-method: post-process any attribution map, or wrap any method.
+
+``iprop(images, attributions, **hp)`` builds each image's pixel graph, turns its
+attribution into a per-pixel reward and returns the fixed point ``V`` of the Markov Reward
+Process (``[B, H, W]``). ``with_iprop(method, **hp)`` returns a method with the standard
+calling convention whose attributions are ``V`` broadcast to the image's channels.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from la_iprop.checks import check_finite, check_images
+from la_iprop.iprop.defaults import IPropConfig
+from la_iprop.iprop.graph import knn_graph
+from la_iprop.iprop.propagate import propagate, reward_from_attribution
+
+__all__ = ["iprop", "iprop_single", "with_iprop", "iprop_name", "parse_iprop_name", "IPROP_SUFFIX"]
+
+IPROP_SUFFIX = "+iprop"
+
+
+def iprop_single(image: jax.Array, attribution: jax.Array, config: IPropConfig) -> tuple[jax.Array, jax.Array]:
+    """IProp for ONE image ``[H, W, 3]`` and its attribution ``[H, W, C]``: ``(V [H, W], iterations)``."""
+    reward = reward_from_attribution(attribution, config.reward)
+    if config.gamma == 0.0:  # the control: channel aggregation only, no graph needed
+        return reward, jnp.ones((), jnp.int32)
+    graph = knn_graph(image, k=config.k, radius=config.radius, sigma_s=config.sigma_s, sigma_c=config.sigma_c,
+                      color_space=config.color_space)
+    return propagate(graph, reward, gamma=config.gamma, tol=config.tol, max_iter=config.max_iter)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _iprop_batch(images, attributions, config):
+    return jax.vmap(lambda x, a: iprop_single(x, a, config))(images, attributions)
+
+
+def _check_attributions(attributions: Any, images: jax.Array) -> jax.Array:
+    if not hasattr(attributions, "shape"):
+        raise TypeError(f"attributions must be an array, got {type(attributions).__name__}")
+    attributions = jnp.asarray(attributions)
+    if attributions.shape == images.shape[:3]:  # already one score per pixel
+        attributions = attributions[..., None]
+    if attributions.shape != images.shape:
+        raise ValueError(f"attributions must have the shape of images {tuple(images.shape)} (or "
+                         f"{tuple(images.shape[:3])} for per-pixel maps), got {tuple(attributions.shape)}")
+    if not jnp.issubdtype(attributions.dtype, jnp.floating):
+        raise ValueError(f"attributions must be floating point, got dtype {attributions.dtype}")
+    check_finite(attributions, "attributions")
+    return attributions.astype(jnp.float32)
+
+
+def iprop(images: Any, attributions: Any, *, return_iterations: bool = False, **hparams: Any):
+    """IProp values ``V [B, H, W]`` of a batch (``return_iterations``: also the per-image counts ``[B]``).
+
+    ``images`` NHWC in [0, 1]; ``attributions`` of the same shape (or ``[B, H, W]``).
+    Hyperparameters (keyword, static; defaults in :mod:`la_iprop.iprop.defaults`): ``k``,
+    ``radius``, ``sigma_s``, ``sigma_c``, ``color_space``, ``gamma``, ``reward``, ``tol``,
+    ``max_iter``; or pass ``config=IPropConfig(...)``. Per image: reward
+    ``r = reward_rule(attribution)``, graph ``P`` of the image, ``V = r + gamma P V``.
+    The batch is vmapped, so each image's result is independent of the others.
+    """
+    config = _config(hparams)
+    images = check_images(images)
+    attributions = _check_attributions(attributions, images)
+    if config.gamma > 0.0:
+        # Validates the image size against the window before tracing.
+        min_size = 2 * config.radius + 1
+        if images.shape[1] < min_size or images.shape[2] < min_size:
+            raise ValueError(f"images must be at least 2*radius+1 = {min_size} pixels in height and width for "
+                             f"radius={config.radius}, got {images.shape[1]}x{images.shape[2]}")
+    values, iterations = _iprop_batch(images, attributions, config)
+    return (values, iterations) if return_iterations else values
+
+
+def _config(hparams: dict[str, Any]) -> IPropConfig:
+    config = hparams.pop("config", None)
+    if config is None:
+        return IPropConfig().replace(**hparams)
+    if not isinstance(config, IPropConfig):
+        raise TypeError(f"config must be an IPropConfig, got {type(config).__name__}")
+    return config.replace(**hparams) if hparams else config
+
+
+def iprop_name(method_name: str) -> str:
+    """``"la"`` -> ``"la+iprop"``."""
+    return method_name + IPROP_SUFFIX
+
+
+def parse_iprop_name(name: str) -> tuple[str, bool]:
+    """``"la+iprop"`` -> ``("la", True)``; ``"la"`` -> ``("la", False)``."""
+    if name.endswith(IPROP_SUFFIX):
+        return name[: -len(IPROP_SUFFIX)], True
+    return name, False
+
+
+def with_iprop(method: Callable | str, **iprop_hparams: Any) -> Callable:
+    """Wrap an attribution method (a callable or a registered name) so its maps go through IProp.
+
+    The result follows the standard convention
+    ``wrapped(logit_fn, images, labels, *, key, **hparams) -> attributions`` (``hparams`` go to
+    ``method``), returning ``V`` broadcast to the image channels so that
+    ``attributions.shape == images.shape``. ``iprop_hparams`` (or ``config=``) fix IProp's
+    settings; the wrapper exposes them as ``wrapped.iprop_config``.
+    """
+    config = _config(dict(iprop_hparams))
+    if isinstance(method, str):
+        from la_iprop.attribution import get_method  # the registry lives above this package
+        base_name, method = method, get_method(method).fn
+    elif callable(method):
+        base_name = getattr(method, "__name__", type(method).__name__)
+    else:
+        raise TypeError(f"method must be a callable attribution method or a registered name, got {method!r}")
+
+    def wrapped(logit_fn, images, labels=None, *, key=None, **hparams):
+        images = check_images(images)
+        attributions = method(logit_fn, images, labels, key=key, **hparams)
+        values = iprop(images, attributions, config=config)
+        return jnp.broadcast_to(values[..., None], images.shape)
+
+    wrapped.__name__ = iprop_name(base_name)
+    wrapped.__qualname__ = wrapped.__name__
+    wrapped.__doc__ = f"{base_name} followed by IProp ({config.tag()})."
+    wrapped.iprop_config = config
+    wrapped.base_method = method
+    return wrapped
