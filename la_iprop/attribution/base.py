@@ -55,8 +55,13 @@ def prepare_inputs(logit_fn: Callable, images: Any, labels: Any, *, key: Any = N
         if key is None:
             raise ValueError("key is required: pass key=jax.random.PRNGKey(seed)")
         key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
-        if not (jnp.issubdtype(key.dtype, jax.dtypes.prng_key) or (key.shape == (2,) and key.dtype == jnp.uint32)):
-            raise ValueError(f"key must be a jax.random key (PRNGKey or key()), got shape {key.shape} dtype {key.dtype}")
+        batch = images.shape[0]
+        typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+        single = key.shape == () if typed else key.shape == (2,) and key.dtype == jnp.uint32
+        batched = key.shape == (batch,) if typed else key.shape == (batch, 2) and key.dtype == jnp.uint32
+        if not (single or batched):
+            raise ValueError(f"key must be a jax.random key (PRNGKey(seed)) or one key per image "
+                             f"(shape ({batch}, 2)), got shape {key.shape} dtype {key.dtype}")
     return logit_fn, images, labels, key
 
 
@@ -71,7 +76,15 @@ def class_probability(logit_fn: Callable, image: jax.Array, label: jax.Array) ->
 
 
 def split_per_image(key: jax.Array, batch: int) -> jax.Array:
-    """One independent key per image: image i's key depends only on (key, i)."""
+    """One independent key per image.
+
+    ``key`` is either one key (image i gets ``fold_in(key, i)``) or already one key per
+    image (returned unchanged). The experiment runner passes per-image keys derived from
+    each image's index in the dataset, so a map never depends on how images are batched.
+    """
+    typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+    if key.ndim == (1 if typed else 2):
+        return key
     return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(batch))
 
 

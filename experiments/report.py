@@ -1,0 +1,156 @@
+"""Reports of a run: per-image CSV, summary JSON, Markdown table and PNG figures."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import pathlib
+import platform
+from importlib import metadata
+
+import jax
+import numpy as np
+
+from la_iprop.data import class_name
+from la_iprop.metrics import auc
+
+__all__ = ["write_reports", "summarize_variant", "CSV_COLUMNS", "markdown_table"]
+
+CSV_COLUMNS = ["method", "index", "image_id", "true_label", "true_name", "predicted", "predicted_name",
+               "insertion", "deletion", "ins_minus_del", "dir", "seconds"]
+TIMING_COLUMNS = ("seconds",)  # the only columns that differ between identical runs
+FIGURE_IMAGES = 6
+
+
+def _versions() -> dict:
+    out = {"python": platform.python_version()}
+    for package in ("jax", "jaxlib", "flax", "numpy", "la_iprop"):
+        try:
+            out[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            out[package] = None
+    if out["la_iprop"] is None:
+        from la_iprop import __version__
+        out["la_iprop"] = __version__
+    return out
+
+
+def summarize_variant(records: dict[str, np.ndarray]) -> dict:
+    """Mean figures of one method: AUCs of the mean curves (= mean of per-image AUCs)."""
+    ins = float(auc(records["insertion_curve"].mean(0)))
+    dele = float(auc(records["deletion_curve"].mean(0)))
+    return {"num_images": int(len(records["index"])), "insertion": ins, "deletion": dele,
+            "ins_minus_del": ins - dele, "dir": dele / ins if ins else float("inf"),
+            "seconds_per_image": float(records["seconds"].mean())}
+
+
+def _csv_rows(variant: str, records: dict[str, np.ndarray]):
+    for i in range(len(records["index"])):
+        ins, dele = float(records["insertion"][i]), float(records["deletion"][i])
+        true, pred = int(records["label"][i]), int(records["predicted"][i])
+        yield [variant, int(records["index"][i]), str(records["id"][i]), true if true >= 0 else "",
+               class_name(true), pred, class_name(pred), f"{ins:.6f}", f"{dele:.6f}", f"{ins - dele:.6f}",
+               f"{dele / ins:.6f}" if ins else "inf", f"{float(records['seconds'][i]):.4f}"]
+
+
+def markdown_table(summary: dict[str, dict], title: str = "") -> str:
+    lines = [f"## {title}", ""] if title else []
+    lines += ["| method | images | insertion ↑ | deletion ↓ | ins − del ↑ | dir ↓ | s / image |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, row in summary.items():
+        lines.append(f"| {name} | {row['num_images']} | {row['insertion']:.4f} | {row['deletion']:.4f} | "
+                     f"{row['ins_minus_del']:.4f} | {row['dir']:.4f} | {row['seconds_per_image']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_reports(config, out: pathlib.Path, variants: list[str], expected_images: int, source) -> dict:
+    """Builds every report from the batch files (so a resumed run equals an uninterrupted one)."""
+    from experiments.runner import atomic_write, load_records
+
+    records = {v: load_records(out, v) for v in variants}
+    missing = [v for v, r in records.items() if r is None or len(r["index"]) != expected_images]
+    if missing:
+        raise RuntimeError(f"incomplete results for {', '.join(missing)} in {out}: rerun the same command to resume")
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for variant in variants:
+        writer.writerows(_csv_rows(variant, records[variant]))
+    atomic_write(out / "results.csv", lambda f: f.write(buffer.getvalue()))
+
+    summary_rows = {v: summarize_variant(records[v]) for v in variants}
+    protocol = json.loads((out / "protocol.json").read_text()) if (out / "protocol.json").exists() else None
+    device = jax.devices()[0]
+    summary = {
+        "flags": dataclasses.asdict(config), "protocol": protocol, "versions": _versions(),
+        "device": {"backend": jax.default_backend(), "kind": getattr(device, "device_kind", str(device)),
+                   "local_devices": jax.local_device_count(), "processes": jax.process_count()},
+        "results": summary_rows,
+        "notes": {"insertion/deletion": "AUC of the mean curve over images (equals the mean per-image AUC)",
+                  "dir": "deletion / insertion (lower is better)",
+                  "seconds": "attribution wall-clock time of the image's batch / batch size; the first batch "
+                             "of each method includes compilation"},
+    }
+    atomic_write(out / "summary.json", lambda f: json.dump(summary, f, indent=2, default=str))
+    command_note = f"Model `{config.model}`, data `{config.data}`, protocol `{config.protocol}`, " \
+                   f"settings `{config.settings}`, seed {config.seed}."
+    atomic_write(out / "results.md", lambda f: f.write(markdown_table(summary_rows, "Insertion / deletion")
+                                                         + "\n" + command_note + "\n"))
+    write_figures(out, variants, records, source)
+    return summary
+
+
+def write_figures(out: pathlib.Path, variants: list[str], records: dict[str, dict], source) -> None:
+    """``heatmaps.png`` (image + one overlay per method) and ``curves.png`` (mean curves)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from experiments.runner import atomic_write
+
+    first = records[variants[0]]
+    n = min(FIGURE_IMAGES, len(first["index"]))
+    has_maps = all("attribution" in records[v] for v in variants)
+    if has_maps:
+        images = source.load([int(i) for i in first["index"][:n]]).images
+        fig, axes = plt.subplots(n, len(variants) + 1, figsize=(2.2 * (len(variants) + 1), 2.2 * n), squeeze=False)
+        for row in range(n):
+            axes[row, 0].imshow(images[row])
+            axes[row, 0].set_title(f"{first['id'][row]}\n{class_name(int(first['predicted'][row]))}"[:40], fontsize=7)
+            for col, variant in enumerate(variants, start=1):
+                heat = records[variant]["attribution"][row].sum(-1)
+                axes[row, col].imshow(images[row].mean(-1), cmap="gray", vmin=0, vmax=1)
+                axes[row, col].imshow(_normalise(heat), cmap="jet", alpha=0.5, vmin=0, vmax=1)
+                if row == 0:
+                    axes[row, col].set_title(variant, fontsize=8)
+        for ax in axes.ravel():
+            ax.axis("off")
+        fig.tight_layout()
+        atomic_write(out / "heatmaps.png", lambda f: fig.savefig(f, format="png", dpi=90), mode="wb")
+        plt.close(fig)
+
+    fig, (ins_ax, del_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    for variant in variants:
+        r = records[variant]
+        x = np.linspace(0, 1, r["insertion_curve"].shape[1])
+        ins_ax.plot(x, r["insertion_curve"].mean(0), label=f"{variant} ({auc(r['insertion_curve'].mean(0)):.3f})")
+        del_ax.plot(x, r["deletion_curve"].mean(0), label=f"{variant} ({auc(r['deletion_curve'].mean(0)):.3f})")
+    for ax, title in ((ins_ax, "insertion (higher is better)"), (del_ax, "deletion (lower is better)")):
+        ax.set_title(title)
+        ax.set_xlabel("fraction of the image changed")
+        ax.set_ylabel("score of the explained class")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    atomic_write(out / "curves.png", lambda f: fig.savefig(f, format="png", dpi=90), mode="wb")
+    plt.close(fig)
+
+
+def _normalise(heat: np.ndarray) -> np.ndarray:
+    """Positive evidence scaled by its 99th percentile, for display only."""
+    heat = np.maximum(heat, 0)
+    scale = np.percentile(heat, 99) or heat.max() or 1.0
+    return np.clip(heat / scale, 0, 1)

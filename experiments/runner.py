@@ -1,0 +1,354 @@
+"""One experiment run: methods x images -> attributions, insertion/deletion, reports.
+
+The run is resumable: each (method, batch) result is written atomically as
+``<out>/batches/<method>/batch_<b>.npz`` and skipped when it already exists, so a run
+killed at any point and restarted ends with exactly the records of an uninterrupted run.
+Every image's PRNG key is derived from the seed and the image's index in the data set,
+never from its position in a batch.
+
+Batches are sharded over the local devices (a 1-D ``data`` mesh); with
+``jax.distributed`` initialised, each process takes every ``process_count``-th batch and
+process 0 merges all batch files into the reports.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import pathlib
+import tempfile
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from la_iprop.attribution import available_methods, get_method, method_hparams
+from la_iprop.data import open_source
+from la_iprop.iprop import IPROP_SUFFIX, with_iprop
+from la_iprop.metrics import PROTOCOLS, evaluate
+from la_iprop.models import available_models, load_model
+
+__all__ = ["RunConfig", "ConfigError", "validate", "run", "method_variants", "atomic_write",
+           "parse_hparams", "batch_path", "load_records"]
+
+log = logging.getLogger("la_iprop")
+
+SETTINGS = ("quick", "paper")
+# Reference images handed to methods that need a reference set (Expected Gradients):
+# the first images of the data source, fixed for the whole run.
+REFERENCE_SET_SIZE = 8
+
+
+class ConfigError(ValueError):
+    """A bad flag, reported before any heavy work as one line naming the flag."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    methods: tuple[str, ...]
+    model: str = "efficientnet_lite0"
+    weights: str | None = None
+    data: str = "samples"
+    tfds_data_dir: str | None = None
+    num_images: int | None = None        # None: every image of the source
+    start: int = 0                       # first image index
+    batch_size: int = 8
+    seed: int = 0
+    protocol: str = "la"
+    iprop: bool = False                  # also run every method + IProp
+    settings: str = "quick"              # "quick": cheap CPU settings; "paper": the methods' defaults
+    hparams: dict = dataclasses.field(default_factory=dict)        # {method: {name: value}}
+    iprop_hparams: dict = dataclasses.field(default_factory=dict)  # {name: value}
+    out: str = ""
+    devices: int | None = None           # local devices to shard over (None: all)
+    save_attributions: bool = True
+
+    def identity(self) -> dict:
+        """The fields that determine the results (a resumed run must match them)."""
+        keep = ("methods", "model", "weights", "data", "num_images", "start", "batch_size", "seed", "protocol",
+                "iprop", "settings", "hparams", "iprop_hparams", "save_attributions")
+        return json.loads(json.dumps({k: getattr(self, k) for k in keep}, default=str))
+
+
+# ----------------------------------------------------------------------------- validation
+def parse_hparams(text: str, methods: tuple[str, ...]) -> dict:
+    """``"la.max_iter=30,la.sampling_times=20"`` -> ``{"la": {"max_iter": 30, ...}}``.
+
+    The method prefix may be omitted when exactly one method is run. Values are Python
+    literals (``30``, ``0.5``, ``'pgd'``, ``None``); anything else is kept as a string.
+    """
+    import ast
+
+    result: dict[str, dict[str, Any]] = {}
+    for item in filter(None, (part.strip() for part in (text or "").split(","))):
+        if "=" not in item:
+            raise ConfigError(f"--hparams: expected METHOD.NAME=VALUE, got {item!r}")
+        name, value = item.split("=", 1)
+        if "." in name:
+            method, name = name.split(".", 1)
+        elif len(methods) == 1:
+            method = methods[0]
+        else:
+            raise ConfigError(f"--hparams: {item!r} must name its method (METHOD.NAME=VALUE) when running "
+                              f"several methods")
+        try:
+            parsed = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            parsed = value
+        result.setdefault(method, {})[name.strip()] = parsed
+    return result
+
+
+def method_variants(config: RunConfig) -> list[str]:
+    """Names of the attribution variants run: each method, and ``method+iprop`` with --iprop."""
+    names = list(config.methods)
+    if config.iprop:
+        names += [m + IPROP_SUFFIX for m in config.methods]
+    return names
+
+
+def validate(config: RunConfig):
+    """Checks every flag cheaply; returns the opened image source. Raises ConfigError."""
+    if not config.methods:
+        raise ConfigError("--method: give at least one method, e.g. --method=la")
+    for method in config.methods:
+        if method not in available_methods():
+            raise ConfigError(f"--method: unknown method {method!r}; available: {', '.join(available_methods())}")
+    for method, values in config.hparams.items():
+        if method not in config.methods:
+            raise ConfigError(f"--hparams: method {method!r} is not among --method ({', '.join(config.methods)})")
+        known = method_hparams(method)
+        for name in values:
+            if name not in known:
+                raise ConfigError(f"--hparams: {method} has no hyperparameter {name!r}; it has: {', '.join(known)}")
+    if config.model not in available_models():
+        raise ConfigError(f"--model: unknown model {config.model!r}; available: {', '.join(available_models())}")
+    if config.weights is not None and not os.path.isfile(config.weights):
+        raise ConfigError(f"--weights: file not found: {config.weights}")
+    if config.protocol not in PROTOCOLS:
+        raise ConfigError(f"--protocol: unknown protocol {config.protocol!r}; available: {', '.join(PROTOCOLS)}")
+    if config.settings not in SETTINGS:
+        raise ConfigError(f"--settings: expected one of {', '.join(SETTINGS)}, got {config.settings!r}")
+    if config.num_images is not None and config.num_images <= 0:
+        raise ConfigError(f"--num_images: must be > 0, got {config.num_images}")
+    if config.batch_size <= 0:
+        raise ConfigError(f"--batch_size: must be > 0, got {config.batch_size}")
+    if config.start < 0:
+        raise ConfigError(f"--start: must be >= 0, got {config.start}")
+    if config.devices is not None and not 1 <= config.devices <= jax.local_device_count():
+        raise ConfigError(f"--devices: must be in [1, {jax.local_device_count()}], got {config.devices}")
+    if not config.out:
+        raise ConfigError("--out: an output directory is required")
+    try:
+        source = open_source(config.data, tfds_data_dir=config.tfds_data_dir)
+    except (ValueError, OSError) as err:
+        raise ConfigError(f"--data: {err}") from None
+    if config.start >= len(source):
+        raise ConfigError(f"--start: {config.start} is past the end of {config.data} ({len(source)} images)")
+    if config.iprop_hparams:
+        from la_iprop.iprop import IPropConfig
+        try:
+            IPropConfig(**config.iprop_hparams)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"--iprop_hparams: {err}") from None
+    return source
+
+
+# ----------------------------------------------------------------------------- files
+def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "w") -> None:
+    """Writes via a temporary file in the same directory, then renames: never a partial file."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def batch_path(out: str | os.PathLike, variant: str, batch: int) -> pathlib.Path:
+    return pathlib.Path(out) / "batches" / variant / f"batch_{batch:05d}.npz"
+
+
+def load_records(out: str | os.PathLike, variant: str) -> dict[str, np.ndarray] | None:
+    """All finished batches of a variant, concatenated in image order (None if none)."""
+    files = sorted((pathlib.Path(out) / "batches" / variant).glob("batch_*.npz"))
+    if not files:
+        return None
+    parts = [dict(np.load(f, allow_pickle=False)) for f in files]
+    return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+
+
+def _check_identity(out: pathlib.Path, config: RunConfig) -> None:
+    path = out / "run.json"
+    identity = config.identity()
+    if path.exists():
+        previous = json.loads(path.read_text())
+        changed = sorted(k for k in set(previous) | set(identity) if previous.get(k) != identity.get(k))
+        if changed:
+            raise ConfigError(f"--out: {out} holds a run with different settings ({', '.join(changed)}); "
+                              "use another --out or delete it")
+    else:
+        atomic_write(path, lambda f: json.dump(identity, f, indent=2))
+
+
+# ----------------------------------------------------------------------------- computing
+def _resolve_hparams(config: RunConfig, method: str) -> dict:
+    spec = get_method(method)
+    hparams = dict(spec.quick) if config.settings == "quick" else {}
+    hparams.update(config.hparams.get(method, {}))
+    return hparams
+
+
+def _attribution_fn(config: RunConfig, variant: str, reference_images: np.ndarray) -> Callable:
+    method = variant[: -len(IPROP_SUFFIX)] if variant.endswith(IPROP_SUFFIX) else variant
+    spec = get_method(method)
+    hparams = _resolve_hparams(config, method)
+    if spec.needs_reference_set:
+        hparams["reference_images"] = reference_images
+    fn = spec.fn
+    if variant.endswith(IPROP_SUFFIX):
+        fn = with_iprop(fn, **config.iprop_hparams)
+    return lambda model, images, labels, keys: fn(model, images, labels, key=keys, **hparams)
+
+
+def image_keys(seed: int, indices: np.ndarray) -> jax.Array:
+    """Per-image keys from the seed and each image's dataset index (batching-independent)."""
+    base = jax.random.PRNGKey(seed)
+    return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.asarray(indices, jnp.uint32))
+
+
+@jax.jit
+def _predict(model, images):
+    return jnp.argmax(model(images), axis=-1).astype(jnp.int32)
+
+
+class _Sharder:
+    """Pads a batch to a multiple of the device count and shards it along a ``data`` mesh."""
+
+    def __init__(self, devices: int | None):
+        local = jax.local_devices()[: devices or jax.local_device_count()]
+        self.count = len(local)
+        self.sharding = NamedSharding(Mesh(np.asarray(local), ("data",)), PartitionSpec("data"))
+
+    def put(self, array: np.ndarray | jax.Array, size: int) -> tuple[jax.Array, int]:
+        """Pads to ``size`` rounded up to the device count (one compiled shape for every batch)."""
+        n = array.shape[0]
+        padded = math.ceil(size / self.count) * self.count
+        if padded != n:  # repeat the last image: methods are per image, so padding changes nothing
+            array = jnp.concatenate([array, jnp.repeat(array[-1:], padded - n, axis=0)])
+        return jax.device_put(array, self.sharding), n
+
+
+def _batches(config: RunConfig, total: int) -> list[tuple[int, np.ndarray]]:
+    indices = np.arange(config.start, config.start + total)
+    return [(b, indices[b * config.batch_size:(b + 1) * config.batch_size])
+            for b in range(math.ceil(total / config.batch_size))]
+
+
+def run(config: RunConfig, *, progress: bool = True) -> dict:
+    """Runs (or resumes) an experiment and writes its reports; returns the summary."""
+    from experiments import report  # the report layer sits above the runner
+
+    source = validate(config)
+    out = pathlib.Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_identity(out, config)
+    total = min(config.num_images or len(source), len(source) - config.start)
+    variants = method_variants(config)
+    process, processes = jax.process_index(), jax.process_count()
+    batches = [item for item in _batches(config, total) if item[0] % processes == process]
+
+    log.info("loading model %s", config.model)
+    try:
+        model = load_model(config.model, config.weights)
+    except (ValueError, FileNotFoundError) as err:
+        raise ConfigError(f"--model/--weights: {err}") from None
+    if model.input_size != source.size:
+        source = open_source(config.data, size=model.input_size, tfds_data_dir=config.tfds_data_dir)
+    reference = source.load(range(min(REFERENCE_SET_SIZE, len(source)))).images
+    sharder = _Sharder(config.devices)
+    log.info("%d images, %d batches of %d, %d device(s), methods: %s",
+             total, len(batches), config.batch_size, sharder.count, ", ".join(variants))
+
+    for variant in variants:
+        todo = [(b, idx) for b, idx in batches if not batch_path(out, variant, b).exists()]
+        done_images = sum(len(idx) for b, idx in batches) - sum(len(idx) for _, idx in todo)
+        if not todo:
+            log.info("%s: all %d batches already done", variant, len(batches))
+            continue
+        log.info("%s: computing %d batch(es) (%d images already done)", variant, len(todo), done_images)
+        attribute = _attribution_fn(config, variant, reference)
+        bar = _progress(total=sum(len(idx) for _, idx in batches), initial=done_images, desc=variant,
+                        enabled=progress)
+        running = _RunningMean(out, variant)
+        for b, indices in todo:
+            batch = source.load(indices)
+            images, n = sharder.put(jnp.asarray(batch.images), config.batch_size)
+            keys, _ = sharder.put(image_keys(config.seed, indices), config.batch_size)
+            predicted = _predict(model, images)
+            started = time.perf_counter()
+            maps = jax.block_until_ready(attribute(model, images, predicted, keys))
+            seconds = (time.perf_counter() - started) / n
+            game = evaluate(model, images, maps, protocol=config.protocol, labels=predicted)
+            record = {
+                "index": np.asarray(indices, np.int64), "id": np.asarray(batch.ids, dtype=np.str_),
+                "label": batch.labels.astype(np.int64), "predicted": np.asarray(predicted[:n], np.int64),
+                "insertion": game.insertion_aucs[:n], "deletion": game.deletion_aucs[:n],
+                "insertion_curve": game.insertion_curves[:n], "deletion_curve": game.deletion_curves[:n],
+                "seconds": np.full(n, seconds),
+            }
+            if config.save_attributions:
+                record["attribution"] = np.asarray(maps[:n], np.float32)
+            atomic_write(batch_path(out, variant, b), lambda f: np.savez(f, **record), mode="wb")
+            if not (out / "protocol.json").exists():
+                atomic_write(out / "protocol.json", lambda f: json.dump(dict(game.protocol), f, indent=2))
+            running.add(record["insertion"], record["deletion"])
+            bar.update(n)
+            bar.set_postfix(ins=f"{running.insertion:.4f}", dele=f"{running.deletion:.4f}")
+        bar.close()
+
+    if processes > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("la_iprop: all batches written")
+        if process != 0:
+            return {}
+    return report.write_reports(config, out, variants, total, source)
+
+
+class _RunningMean:
+    """Running mean of per-image AUCs, seeded with the batches finished earlier."""
+
+    def __init__(self, out: pathlib.Path, variant: str):
+        previous = load_records(out, variant)
+        self.ins = list(previous["insertion"]) if previous else []
+        self.dele = list(previous["deletion"]) if previous else []
+
+    def add(self, ins, dele):
+        self.ins += list(ins)
+        self.dele += list(dele)
+
+    @property
+    def insertion(self) -> float:
+        return float(np.mean(self.ins)) if self.ins else float("nan")
+
+    @property
+    def deletion(self) -> float:
+        return float(np.mean(self.dele)) if self.dele else float("nan")
+
+
+def _progress(*, total: int, initial: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, initial=initial, desc=desc, unit="img", disable=not enabled)
