@@ -31,6 +31,7 @@ whose row of ``P`` the edge is in) and ``receivers`` the neighbour, both of leng
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -139,6 +140,13 @@ def knn_graph(image: jax.Array, *, k: int = DEFAULT_K, radius: int = DEFAULT_RAD
     image = jnp.asarray(image)
     if image.ndim != 3 or image.shape[-1] != 3:
         raise ValueError(f"image must have shape [height, width, 3] (one HWC image), got {image.shape}")
+    window_candidates(image.shape[0], image.shape[1], radius)  # checks the size before tracing
+    return _knn_graph(image, k=k, radius=radius, sigma_s=float(sigma_s), sigma_c=float(sigma_c),
+                      color_space=color_space)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "radius", "sigma_s", "sigma_c", "color_space"))
+def _knn_graph(image, *, k, radius, sigma_s, sigma_c, color_space) -> PixelGraph:
     height, width, _ = image.shape
     index, spatial_d2, is_self = window_candidates(height, width, radius)
 
@@ -158,6 +166,7 @@ def knn_graph(image: jax.Array, *, k: int = DEFAULT_K, radius: int = DEFAULT_RAD
                       weights=jnp.exp(neg_d2).reshape(n * k), transition=transition.reshape(n * k))
 
 
+@functools.partial(jax.jit, static_argnames=("num_nodes", "normalized"))
 def to_dense(graph: PixelGraph, num_nodes: int, *, normalized: bool = True) -> jax.Array:
     """The ``[N, N]`` transition matrix ``P`` (or the weight matrix ``W``); for tests and small images."""
     values = graph.transition if normalized else graph.weights

@@ -232,7 +232,7 @@ def gaussian_blur(image: jax.Array, *, size: int = 11, sigma: float = 5.0, kind:
     r = size // 2
     if padding in ("mean", "zeros"):
         c = jnp.asarray(mean_color if padding == "mean" else (0.0, 0.0, 0.0), image.dtype)
-        return _blur_padded(jnp.pad(image, ((r, r), (r, r), (0, 0))), k)
+        return _blur_padded(jnp.pad(image - c, ((r, r), (r, r), (0, 0))), k) + c
     return _blur_padded(jnp.pad(image, ((r, r), (r, r), (0, 0)), mode=padding), k)
 
 

@@ -19,8 +19,9 @@ import numpy as np
 from jax import lax
 
 from la_iprop.models.convert import default_torch_name
+from la_iprop.models.zoo import ModelFn, imagenet_normalize, model_fn_from_weights
 
-__all__ = ["ResNet", "ResNet50", "Bottleneck", "resnet_torch_name", "max_pool2d", "avg_pool2d",
+__all__ = ["ResNet", "ResNet50", "Bottleneck", "resnet_torch_name", "build_resnet50", "max_pool2d", "avg_pool2d",
            "adaptive_avg_pool2d", "pool_output_size"]
 
 
@@ -67,7 +68,7 @@ def _window_max_jvp(kernel, stride, out_h, out_w, primals, tangents):
     views, tangent_views = _windows(x, kernel, stride, out_h, out_w), _windows(t, kernel, stride, out_h, out_w)
     out = functools.reduce(jnp.maximum, views)
     claimed, tangent_out = None, None
-    for view, tangent in zip(views, tangent_views):
+    for view, tangent in zip(views, tangent_views, strict=True):
         first = view == out if claimed is None else (view == out) & ~claimed
         claimed = first if claimed is None else claimed | first
         term = jnp.where(first, tangent, jnp.zeros_like(tangent))
@@ -197,3 +198,9 @@ ResNet50 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3))
 
 # Flax ``layer1_0/downsample_1/scale`` is torchvision's ``layer1.0.downsample.1.weight``.
 resnet_torch_name = default_torch_name
+
+
+def build_resnet50(weights) -> ModelFn:
+    """ResNet-50 from torchvision weights (``.pth`` path or state dict) or a ``.msgpack`` Flax checkpoint."""
+    return model_fn_from_weights(ResNet50(), weights, name="resnet50", preprocess=imagenet_normalize,
+                                 torch_name=resnet_torch_name)

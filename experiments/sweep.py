@@ -1,0 +1,114 @@
+"""A grid of methods x models x hyperparameters through the same code path as imagenet.py.
+
+    python -m experiments.sweep --config=sweep.json --out=runs/sweep1
+
+``sweep.json``::
+
+    {"methods": ["la", "ig"], "models": ["efficientnet_lite0"],
+     "grid": {"la": {"max_iter": [10, 30], "sampling_times": [6, 20]}},
+     "data": "la1000:../shared/data/la1000", "num_images": 50, "batch_size": 8,
+     "settings": "quick", "protocol": "la", "iprop": false, "seed": 0}
+
+Each cell is an ordinary resumable run in ``<out>/<cell>``; rerunning the command skips
+finished cells and batches. The combined table is ``<out>/sweep.md`` and ``sweep.csv``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import logging
+import pathlib
+import sys
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("config", None, "Sweep configuration (JSON).")
+flags.DEFINE_string("out", None, "Output directory of the sweep.")
+flags.DEFINE_bool("progress", True, "Show progress bars.")
+
+_RUN_KEYS = ("data", "tfds_data_dir", "num_images", "start", "batch_size", "seed", "protocol", "iprop",
+             "settings", "iprop_hparams", "weights", "devices", "save_attributions")
+
+
+def cells(spec: dict) -> list[tuple[str, dict]]:
+    """``(cell name, RunConfig kwargs)`` for every point of the grid."""
+    from experiments.runner import ConfigError
+
+    unknown = set(spec) - {"methods", "models", "grid", *_RUN_KEYS}
+    if unknown:
+        raise ConfigError(f"--config: unknown keys {sorted(unknown)}")
+    if not spec.get("methods"):
+        raise ConfigError("--config: 'methods' must list at least one method")
+    grid = spec.get("grid", {})
+    base = {k: spec[k] for k in _RUN_KEYS if k in spec}
+    out = []
+    for model in spec.get("models", ["efficientnet_lite0"]):
+        for method in spec["methods"]:
+            axes = grid.get(method, {})
+            names = sorted(axes)
+            for values in itertools.product(*(axes[n] if isinstance(axes[n], list) else [axes[n]] for n in names)):
+                hparams = dict(zip(names, values))
+                label = "_".join(f"{n}{v}" for n, v in hparams.items())
+                cell = "_".join(filter(None, [model, method, label]))
+                out.append((cell, dict(base, methods=(method,), model=model, hparams={method: hparams} if hparams else {})))
+    return out
+
+
+def run_sweep(spec: dict, out: str | pathlib.Path, *, progress: bool = True) -> list[dict]:
+    from experiments.report import summarize_variant
+    from experiments.runner import ConfigError, RunConfig, atomic_write, load_records, method_variants, run, validate
+
+    out = pathlib.Path(out)
+    grid = cells(spec)
+    configs = [(name, RunConfig(out=str(out / name), **kwargs)) for name, kwargs in grid]
+    for name, config in configs:  # every cell is checked before any runs
+        try:
+            validate(config)
+        except ConfigError as err:
+            raise ConfigError(f"cell {name}: {err}") from None
+    rows = []
+    for name, config in configs:
+        logging.getLogger("la_iprop").info("sweep cell %s", name)
+        run(config, progress=progress)
+        for variant in method_variants(config):
+            row = {"cell": name, "model": config.model, "method": variant,
+                   "hparams": json.dumps(config.hparams.get(config.methods[0], {}), sort_keys=True)}
+            row.update(summarize_variant(load_records(config.out, variant)))
+            rows.append(row)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(out / "sweep.csv", lambda f: f.write(buffer.getvalue()))
+    lines = ["| cell | model | method | hparams | images | insertion ↑ | deletion ↓ | ins − del ↑ | dir ↓ |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['cell']} | {r['model']} | {r['method']} | `{r['hparams']}` | {r['num_images']} | "
+              f"{r['insertion']:.4f} | {r['deletion']:.4f} | {r['ins_minus_del']:.4f} | {r['dir']:.4f} |" for r in rows]
+    atomic_write(out / "sweep.md", lambda f: f.write("\n".join(lines) + "\n"))
+    return rows
+
+
+def main(argv):
+    del argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    from experiments.runner import ConfigError
+    if not FLAGS.config or not FLAGS.out:
+        sys.exit("error: --config and --out are required")
+    try:
+        spec = json.loads(pathlib.Path(FLAGS.config).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        sys.exit(f"error: --config: cannot read {FLAGS.config}: {err}")
+    try:
+        run_sweep(spec, FLAGS.out, progress=FLAGS.progress)
+    except ConfigError as err:
+        sys.exit(f"error: {err}")
+    print((pathlib.Path(FLAGS.out) / "sweep.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(main)

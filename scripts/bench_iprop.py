@@ -1,0 +1,127 @@
+"""IProp: ms per image for the graph and the propagation, against a scipy.sparse CSR reference.
+
+    python scripts/benchmark.py iprop               # 224x224 la1000 images, batch 1 and 8
+    python scripts/benchmark.py iprop --quick       # batch 1, fewer repeats
+
+The reference computes the same fixed point ``V = r + gamma P V`` with the same stopping rule
+by mat-vec iteration with a ``scipy.sparse`` CSR matrix built from the same edges; the
+JSON reports both timings and the relative max difference of the two ``V``.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bench_common import time_call
+
+from la_iprop.iprop import IPropConfig, iprop, knn_graph, propagate, reward_from_attribution
+
+LA1000 = pathlib.Path(os.environ.get("LA_IPROP_SHARED", pathlib.Path(__file__).resolve().parents[2] / "shared"))
+LA1000 = LA1000 / "data" / "la1000" / "images"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch sizes to time")
+    parser.add_argument("--size", type=int, nargs=2, default=[224, 224], metavar=("H", "W"))
+    parser.add_argument("--repeats", type=int, default=5)
+    for name, kind in (("k", int), ("radius", int), ("sigma_s", float), ("sigma_c", float), ("color_space", str),
+                       ("gamma", float), ("reward", str), ("tol", float), ("max_iter", int)):
+        parser.add_argument(f"--{name}", type=kind, default=None, help="IProp setting (default: the library default)")
+
+
+def _images(batch: int, size: tuple[int, int]) -> np.ndarray:
+    """la1000 images when available (real colour structure), else smooth random images."""
+    h, w = size
+    if LA1000.is_dir() and (h, w) == (224, 224):
+        from PIL import Image
+        return np.stack([np.asarray(Image.open(LA1000 / f"{i}.png").convert("RGB"), np.float32) / 255.0
+                         for i in range(batch)])
+    rng = np.random.default_rng(0)
+    coarse = rng.random((batch, h // 8 + 1, w // 8 + 1, 3))
+    return np.repeat(np.repeat(coarse, 8, 1), 8, 2)[:, :h, :w].astype(np.float32)
+
+
+def _attributions(images: np.ndarray) -> np.ndarray:
+    # A stand-in for a saliency map: signed, spatially correlated, noisy (no model needed).
+    rng = np.random.default_rng(1)
+    return (images - images.mean(axis=(1, 2), keepdims=True) + 0.3 * rng.standard_normal(images.shape)
+            ).astype(np.float32)
+
+
+def scipy_fixed_point(graph, reward: np.ndarray, *, gamma: float, tol: float, max_iter: int,
+                      dtype=np.float64) -> tuple[np.ndarray, int, float, float]:
+    """``(V, iterations, build_seconds, iterate_seconds)`` by CSR mat-vec iteration, same stopping rule."""
+    import scipy.sparse
+    n = reward.size
+    start = time.perf_counter()
+    p = scipy.sparse.csr_matrix((np.asarray(graph.transition, dtype),
+                                 (np.asarray(graph.senders), np.asarray(graph.receivers))), shape=(n, n))
+    build = time.perf_counter() - start
+    r = np.asarray(reward, dtype).reshape(-1)
+    threshold = tol * np.max(np.abs(r))
+    start = time.perf_counter()
+    v, iterations = r, 0
+    while iterations < max_iter:
+        new = r + gamma * (p @ v)
+        iterations += 1
+        delta = np.max(np.abs(new - v))
+        v = new
+        if delta <= threshold:
+            break
+    return v.reshape(reward.shape), iterations, build, time.perf_counter() - start
+
+
+def run(args) -> dict:
+    overrides = {k: getattr(args, k) for k in ("k", "radius", "sigma_s", "sigma_c", "color_space", "gamma",
+                                               "reward", "tol", "max_iter") if getattr(args, k, None) is not None}
+    config = IPropConfig().replace(**overrides)
+    repeats = 2 if args.quick else args.repeats
+    batches = [1] if args.quick else args.batch
+    graph_kw = dict(k=config.k, radius=config.radius, sigma_s=config.sigma_s, sigma_c=config.sigma_c,
+                    color_space=config.color_space)
+
+    graph_fn = jax.jit(jax.vmap(lambda x: knn_graph(x, **graph_kw)))
+    prop_fn = jax.jit(jax.vmap(lambda g, r: propagate(g, r, gamma=config.gamma, tol=config.tol,
+                                                      max_iter=config.max_iter)))
+    out = {"config": config.as_dict(), "size": list(args.size), "per_batch": []}
+    for batch in batches:
+        images = jnp.asarray(_images(batch, tuple(args.size)))
+        attributions = jnp.asarray(_attributions(np.asarray(images)))
+        rewards = jax.vmap(lambda a: reward_from_attribution(a, config.reward))(attributions)
+        graphs = graph_fn(images)
+        values, iterations = prop_fn(graphs, rewards)
+        t_graph = time_call(lambda: graph_fn(images), repeats=repeats)
+        t_prop = time_call(lambda: prop_fn(graphs, rewards), repeats=repeats)
+        t_total = time_call(lambda: iprop(images, attributions, config=config), repeats=repeats)
+        out["per_batch"].append({
+            "batch": batch,
+            "graph_ms_per_image": 1e3 * t_graph / batch,
+            "propagate_ms_per_image": 1e3 * t_prop / batch,
+            "iprop_total_ms_per_image": 1e3 * t_total / batch,
+            "iterations": np.asarray(iterations).tolist(),
+        })
+
+    # The scipy.sparse reference on the first image of the last batch (per image: it has no batching).
+    graph0 = jax.tree_util.tree_map(lambda a: a[0], graphs)
+    reward0 = np.asarray(rewards[0])
+    reference = {}
+    for dtype in (np.float64, np.float32):
+        runs = [scipy_fixed_point(graph0, reward0, gamma=config.gamma, tol=config.tol, max_iter=config.max_iter,
+                                  dtype=dtype) for _ in range(repeats)]
+        v_ref, its, build, _ = runs[0]
+        iterate = sorted(r[3] for r in runs)[len(runs) // 2]
+        rel = float(np.max(np.abs(np.asarray(values[0], np.float64) - v_ref)) / np.max(np.abs(v_ref)))
+        reference[np.dtype(dtype).name] = {"csr_build_ms": 1e3 * build, "iterate_ms": 1e3 * iterate,
+                                           "iterations": its, "rel_max_diff_vs_jax": rel}
+    jax_single = next(p for p in out["per_batch"] if p["batch"] == batches[-1])
+    out["scipy_reference"] = reference
+    out["jax_propagate_speedup_vs_scipy_float64"] = reference["float64"]["iterate_ms"] / jax_single[
+        "propagate_ms_per_image"]
+    out["target_ms_per_image"] = 100.0
+    return out

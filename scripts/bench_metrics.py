@@ -1,0 +1,70 @@
+"""Insertion + deletion on EfficientNet-Lite0: images/s and efficiency vs bare forward passes.
+
+efficiency = (forwards per image x time of one batched forward, per image) / (metric time per image),
+where a game of S steps costs S + 1 forwards per image (450 for both games at 224 steps), and the
+reference forward runs at the metric's chunk size. 1.0 means the metric costs nothing beyond the
+classifier's forward passes.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from bench_common import environment, time_call
+
+from la_iprop.metrics import evaluate, get_protocol
+from la_iprop.models import load_model
+
+# Stated in DESIGN.md for the official PyTorch evaluation on a 2-core CPU (not measured here):
+# ~18 minutes per game per 100 Lite0 images.
+OFFICIAL_SECONDS_PER_IMAGE_BOTH_GAMES = 2 * 18 * 60 / 100
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--images", type=int, default=8, help="images per evaluation")
+    parser.add_argument("--protocol", nargs="+", default=["la"], help="presets to time (la, rise)")
+    parser.add_argument("--chunk", type=int, nargs="+", default=[8], help="chunk sizes (images per forward)")
+    parser.add_argument("--repeats", type=int, default=1, help="timed calls after the compiling one")
+
+
+@jax.jit
+def _forward(model, images):
+    return model(images)
+
+
+def run(args) -> dict:
+    n = 2 if args.quick else args.images
+    model = load_model("efficientnet_lite0")
+    rng = np.random.default_rng(0)
+    size = model.input_size
+    images = rng.uniform(0, 1, (n, size, size, 3)).astype(np.float32)
+    maps = rng.normal(size=images.shape).astype(np.float32)
+    rows = []
+    for chunk in args.chunk:
+        batch = jnp.asarray(rng.uniform(0, 1, (chunk, size, size, 3)), jnp.float32)
+        forward_per_image = time_call(lambda: _forward(model, batch), repeats=5) / chunk
+        for name in args.protocol:
+            protocol = get_protocol(name)
+            forwards = 2 * (protocol.num_steps(size, size) + 1)
+            start = time.perf_counter()
+            evaluate(model, images, maps, protocol=protocol, chunk_size=chunk)
+            first = time.perf_counter() - start
+            seconds = time_call(lambda: evaluate(model, images, maps, protocol=protocol, chunk_size=chunk),
+                                repeats=args.repeats, warmup=0)
+            per_image = seconds / n
+            rows.append({
+                "protocol": name, "images": n, "chunk_size": chunk, "forwards_per_image": forwards,
+                "seconds": seconds, "compile_and_first_call_s": first,
+                "images_per_s": n / seconds, "seconds_per_image": per_image,
+                "forward_ms_per_image": 1e3 * forward_per_image,
+                "efficiency": forwards * forward_per_image / per_image,
+                "speedup_vs_official_stated": OFFICIAL_SECONDS_PER_IMAGE_BOTH_GAMES / per_image,
+            })
+            print(f"metrics {name:5s} chunk={chunk:3d} n={n}: {n / seconds:.3f} images/s "
+                  f"({per_image:.2f} s/image, forward {1e3 * forward_per_image:.1f} ms/image), "
+                  f"efficiency {rows[-1]['efficiency']:.3f}", flush=True)
+    return {"model": "efficientnet_lite0", "backend": environment()["backend"], "results": rows,
+            "official_seconds_per_image_both_games_stated": OFFICIAL_SECONDS_PER_IMAGE_BOTH_GAMES}

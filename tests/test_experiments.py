@@ -1,0 +1,160 @@
+"""The experiment CLI: end to end, resumability after SIGKILL, sharding, flag validation, sweeps."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from experiments.report import CSV_COLUMNS, TIMING_COLUMNS
+from experiments.runner import ConfigError, RunConfig, parse_hparams, run, validate
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+# Cheap but real: SM on 4 bundled sample photos with the embedded Lite0, protocol 'la'.
+BASE = ["--method=sm", "--num_images=4", "--seed=3", "--progress=false"]
+
+
+def _cli(args, env_extra=None, **kwargs):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or {}))
+    return subprocess.run([sys.executable, "-m", "experiments.imagenet", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, **kwargs)
+
+
+def _rows(out) -> list[dict]:
+    with open(pathlib.Path(out) / "results.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def _without_timing(rows):
+    return [{k: v for k, v in row.items() if k not in TIMING_COLUMNS} for row in rows]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """An uninterrupted single-device run, in process (batch size 2)."""
+    out = tmp_path_factory.mktemp("reference")
+    summary = run(RunConfig(methods=("sm",), num_images=4, seed=3, batch_size=2, out=str(out)), progress=False)
+    return out, summary
+
+
+def test_end_to_end_outputs_are_complete(reference_run):
+    out, summary = reference_run
+    rows = _rows(out)
+    assert list(rows[0]) == CSV_COLUMNS
+    assert [r["image_id"] for r in rows] == ["chelsea", "coffee", "astronaut", "rocket"]
+    for r in rows:
+        ins, dele = float(r["insertion"]), float(r["deletion"])
+        assert 0 <= ins <= 1 and 0 <= dele <= 1
+        assert float(r["ins_minus_del"]) == pytest.approx(ins - dele, abs=2e-6)
+        assert r["predicted_name"]  # predictions print as class names
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["flags"]["methods"] == ["sm"] and saved["protocol"]["name"] == "la"
+    assert saved["versions"]["jax"] and saved["device"]["backend"]
+    result = saved["results"]["sm"]
+    assert result["num_images"] == 4
+    assert result["insertion"] == pytest.approx(np.mean([float(r["insertion"]) for r in rows]), abs=1e-5)
+    assert (out / "results.md").read_text().count("| sm |") == 1
+    for figure in ("heatmaps.png", "curves.png"):
+        data = (out / figure).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    npz = np.load(out / "batches" / "sm" / "batch_00000.npz")
+    assert npz["attribution"].shape == (2, 224, 224, 3)
+    assert npz["insertion_curve"].shape == (2, 225)
+    assert summary["results"]["sm"] == result
+
+
+def test_killed_run_resumes_to_the_same_csv(reference_run, tmp_path):
+    out = tmp_path / "killed"
+    args = [*BASE, "--batch_size=2", f"--out={out}"]
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.imagenet", *args], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = out / "batches" / "sm" / "batch_00000.npz"
+    deadline = time.time() + 300
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = sorted(p.name for p in (out / "batches" / "sm").glob("batch_*.npz"))
+    assert finished == ["batch_00000.npz"], finished  # killed mid-way
+    assert not (out / "results.csv").exists()
+    resumed = _cli(args)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "2 images already done" in resumed.stderr
+    assert _without_timing(_rows(out)) == _without_timing(_rows(reference_run[0]))
+    again = _cli(args)  # a finished run: nothing recomputed, nothing duplicated
+    assert again.returncode == 0 and "already done" in again.stderr
+    assert len(_rows(out)) == 4
+
+
+def test_sharded_run_equals_single_device(reference_run, tmp_path):
+    out = tmp_path / "sharded"
+    result = _cli([*BASE, "--batch_size=4", "--devices=4", f"--out={out}"],
+                  env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "4 device(s)" in result.stderr
+    sharded, single = _rows(out), _rows(reference_run[0])
+    assert [r["image_id"] for r in sharded] == [r["image_id"] for r in single]
+    for a, b in zip(sharded, single):
+        assert a["predicted"] == b["predicted"]
+        for column in ("insertion", "deletion"):
+            assert float(a[column]) == pytest.approx(float(b[column]), abs=1e-4)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--method=nope"], "--method: unknown method 'nope'"),
+    (["--model=resnet5"], "--model: unknown model 'resnet5'"),
+    (["--weights=/no/such/file.pth"], "--weights: file not found"),
+    (["--data=folder:/no/such/dir"], "--data: image folder not found"),
+    (["--num_images=0"], "--num_images: must be > 0"),
+    (["--protocol=lа"], "--protocol: unknown protocol"),
+    (["--hparams=la.no_such=3"], "--hparams: la has no hyperparameter 'no_such'"),
+])
+def test_bad_flags_stop_with_one_clear_line(tmp_path, args, message):
+    result = _cli(["--method=la", *args, f"--out={tmp_path / 'x'}"] if not args[0].startswith("--method")
+                  else [*args, f"--out={tmp_path / 'x'}"], timeout=120)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last, result.stderr[-1500:]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "x").exists()  # stopped before any work
+
+
+def test_empty_folder_is_a_clear_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="--data: no image files"):
+        validate(RunConfig(methods=("sm",), data=f"folder:{tmp_path / 'empty'}", out=str(tmp_path / "o")))
+
+
+def test_changed_settings_in_same_out_are_refused(reference_run):
+    out, _ = reference_run
+    with pytest.raises(ConfigError, match="different settings .*seed"):
+        run(RunConfig(methods=("sm",), num_images=4, seed=4, batch_size=2, out=str(out)), progress=False)
+
+
+def test_parse_hparams():
+    assert parse_hparams("la.max_iter=30,la.update='pgd',ig.steps=5", ("la", "ig")) == {
+        "la": {"max_iter": 30, "update": "pgd"}, "ig": {"steps": 5}}
+    assert parse_hparams("max_iter=3", ("la",)) == {"la": {"max_iter": 3}}
+    with pytest.raises(ConfigError, match="must name its method"):
+        parse_hparams("max_iter=3", ("la", "ig"))
+
+
+def test_sweep_runs_cells_and_combines(tmp_path):
+    from experiments.sweep import run_sweep
+    spec = {"methods": ["sm"], "num_images": 2, "batch_size": 2, "seed": 3}
+    rows = run_sweep(spec, tmp_path, progress=False)
+    assert [r["method"] for r in rows] == ["sm"]
+    table = (tmp_path / "sweep.md").read_text()
+    assert "efficientnet_lite0_sm" in table
+    with open(tmp_path / "sweep.csv") as f:
+        assert len(list(csv.DictReader(f))) == 1
+    with pytest.raises(ConfigError, match="unknown keys"):
+        run_sweep({"methods": ["sm"], "bogus": 1}, tmp_path / "b", progress=False)
