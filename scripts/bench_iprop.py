@@ -10,6 +10,7 @@ JSON reports both timings and the relative max difference of the two ``V``.
 
 from __future__ import annotations
 
+import functools
 import os
 import pathlib
 import time
@@ -96,9 +97,9 @@ def run(args) -> dict:
         rewards = jax.vmap(lambda a: reward_from_attribution(a, config.reward))(attributions)
         graphs = graph_fn(images)
         values, iterations = prop_fn(graphs, rewards)
-        t_graph = time_call(lambda: graph_fn(images), repeats=repeats)
-        t_prop = time_call(lambda: prop_fn(graphs, rewards), repeats=repeats)
-        t_total = time_call(lambda: iprop(images, attributions, config=config), repeats=repeats)
+        t_graph = time_call(functools.partial(graph_fn, images), repeats=repeats)
+        t_prop = time_call(functools.partial(prop_fn, graphs, rewards), repeats=repeats)
+        t_total = time_call(functools.partial(iprop, images, attributions, config=config), repeats=repeats)
         out["per_batch"].append({
             "batch": batch,
             "graph_ms_per_image": 1e3 * t_graph / batch,

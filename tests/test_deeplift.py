@@ -51,6 +51,11 @@ class NoActivationField(nn.Module):
 
 def _model(module, size, seed=0):
     variables = module.init(jax.random.PRNGKey(seed), jnp.zeros((1, size, size, 3)))
+    # random biases (Flax initialises them to 0, which makes a ReLU net homogeneous)
+    rng = np.random.RandomState(seed)
+    variables = jax.tree_util.tree_map_with_path(
+        lambda path, a: a + 0.2 * rng.standard_normal(a.shape).astype(np.float32)
+        if path[-1].key == "bias" else a, variables)
     return ModelFn(variables=variables, module=module, preprocess=_identity, name="toy", input_size=size,
                    num_classes=module.num_classes if hasattr(module, "num_classes") else 3)
 

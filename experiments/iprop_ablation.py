@@ -1,0 +1,453 @@
+"""IProp ablation: which graph / propagation settings help which attribution methods.
+
+    python -m experiments.iprop_ablation --methods=sm,ig,la
+    python -m experiments.iprop_ablation --methods=sm --tune=0:4 --heldout=800:804 --settings=quick \\
+        --search=coordinate --cache=/tmp/ablation --out=/tmp/ablation.md          # a smoke run
+
+1. Each method's maps are computed once per split (tuning: la1000 0-199, held-out: 800-999)
+   and cached per batch under ``--cache``; an interrupted run resumes, a rerun is cheap.
+2. IProp settings from the grid ``k x radius x gamma x sigma_c x color_space x reward``
+   (``--search=full``: every valid combination; ``coordinate``: coordinate ascent from the
+   library defaults, one axis at a time, until a full pass changes nothing) are scored on
+   the tuning split with the ``la`` insertion/deletion protocol. Per-image AUCs of each
+   (method, setting) are cached too. The score of a setting is the mean over methods of
+   ``ins - del`` (AUC of the mean curve), so one default is chosen for all methods.
+3. The ``gamma = 0`` control (same reward rule, no propagation) is scored for every reward
+   rule, separating the gain of propagation from that of channel aggregation.
+4. On the held-out split: method, method + control (gamma 0, chosen reward rule) and method
+   + IProp (chosen setting): insertion, deletion, ins - del, dir. Written to ``--out``
+   (Markdown, with the command that regenerates it) and a JSON next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import hashlib
+import itertools
+import json
+import os
+import pathlib
+import platform
+import shlex
+import sys
+import time
+from typing import Any, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from la_iprop.iprop import REWARD_RULES, IPropConfig, iprop
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DEFAULT_DATA = "la1000:" + str(ROOT.parent / "shared" / "data" / "la1000")
+
+# The grid of issue 8; sigma_s, tol and max_iter stay at the library defaults.
+GRID: dict[str, tuple] = {
+    "k": (4, 8, 16),
+    "radius": (1, 2, 3),
+    "gamma": (0.5, 0.8, 0.9, 0.95, 0.99),
+    "sigma_c": (0.1, 0.3),
+    "color_space": ("rgb", "lab"),
+    "reward": REWARD_RULES,
+}
+RAW = "raw"  # the method's own map, no IProp
+
+
+# ----------------------------------------------------------------------------- settings
+def valid(setting: dict[str, Any]) -> bool:
+    return setting["k"] <= (2 * setting["radius"] + 1) ** 2 - 1
+
+
+def full_grid(grid: dict[str, tuple]) -> list[dict[str, Any]]:
+    keys = list(grid)
+    settings = [dict(zip(keys, values, strict=True)) for values in itertools.product(*(grid[k] for k in keys))]
+    return [s for s in settings if valid(s)]
+
+
+def make_config(setting: dict[str, Any]) -> IPropConfig:
+    return IPropConfig().replace(**setting)
+
+
+def setting_key(config: IPropConfig | None) -> str:
+    """Cache key of a variant; gamma = 0 (no propagation) depends only on the reward rule."""
+    if config is None:
+        return RAW
+    return f"g0_{config.reward}" if config.gamma == 0.0 else config.tag()
+
+
+# ----------------------------------------------------------------------------- caching
+def _atomic_savez(path: pathlib.Path, **arrays) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, path)
+
+
+@dataclasses.dataclass
+class Split:
+    name: str
+    indices: np.ndarray
+    images: np.ndarray       # [n, H, W, 3]
+    predicted: np.ndarray    # [n] the explained class: top-1 on the clean image
+
+    @property
+    def tag(self) -> str:
+        return f"{self.name}_{int(self.indices[0])}-{int(self.indices[-1]) + 1}"
+
+
+class Ablation:
+    """Maps and scores with an on-disk cache; every expensive result is computed once."""
+
+    def __init__(self, args: argparse.Namespace):
+        from la_iprop.data import open_source
+        from la_iprop.models import load_model
+
+        self.args = args
+        self.model = load_model(args.model)
+        self.source = open_source(args.data, size=self.model.input_size)
+        self.cache = pathlib.Path(args.cache) / args.model / args.settings
+        reference = range(min(8, len(self.source)))  # as the experiment runner: first 8 images
+        self.reference_images = np.asarray(self.source.load(reference).images)
+        self._maps: dict[tuple[str, str], np.ndarray] = {}
+        self._method_dirs: dict[str, str] = {}
+        self.evaluated = 0
+        self.cache_hits = 0
+
+    # -------------------------------------------------------------------- data
+    def split(self, name: str, start: int, stop: int) -> Split:
+        if not 0 <= start < stop <= len(self.source):
+            raise ValueError(f"--{name}: need 0 <= start < stop <= {len(self.source)}, got {start}:{stop}")
+        indices = np.arange(start, stop)
+        images = np.asarray(self.source.load(indices).images, np.float32)
+        predicted = np.concatenate([np.asarray(_predict(self.model, jnp.asarray(images[i:i + 32])))
+                                    for i in range(0, len(images), 32)])
+        return Split(name, indices, images, predicted)
+
+    def method_hparams(self, method: str) -> dict[str, Any]:
+        """The method's keyword hyperparameters for this run (registry defaults, quick overrides)."""
+        from la_iprop.attribution import get_method, method_hparams
+        hparams = dict(get_method(method).quick) if self.args.settings == "quick" else {}
+        return {**method_hparams(method), **hparams}
+
+    def method_dir(self, method: str) -> str:
+        """``<method>-<hash of its hyperparameters>``: a changed default never reuses stale maps or scores."""
+        if method not in self._method_dirs:
+            text = json.dumps({k: v for k, v in self.method_hparams(method).items() if k != "reference_images"},
+                              sort_keys=True, default=repr)
+            self._method_dirs[method] = f"{method}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
+        return self._method_dirs[method]
+
+    # -------------------------------------------------------------------- maps
+    def maps(self, method: str, split: Split) -> np.ndarray:
+        """The method's attributions for the split, computed per batch and cached (resumable)."""
+        if (method, split.tag) in self._maps:
+            return self._maps[(method, split.tag)]
+        from experiments.runner import image_keys
+        from la_iprop.attribution import get_method
+
+        spec = get_method(method)
+        hparams = dict(spec.quick) if self.args.settings == "quick" else {}
+        if spec.needs_reference_set:
+            hparams["reference_images"] = self.reference_images
+        out = []
+        bs = self.args.batch_size
+        for i in range(0, len(split.indices), bs):
+            idx = split.indices[i:i + bs]
+            path = self.cache / "maps" / self.method_dir(method) / f"{int(idx[0])}-{int(idx[-1]) + 1}.npz"
+            if path.exists():
+                with np.load(path) as f:
+                    if np.array_equal(f["index"], idx) and np.array_equal(f["predicted"], split.predicted[i:i + bs]):
+                        out.append(f["attribution"])
+                        continue
+            started = time.perf_counter()
+            keys = image_keys(self.args.seed, idx)
+            maps = spec.fn(self.model, jnp.asarray(split.images[i:i + bs]), jnp.asarray(split.predicted[i:i + bs]),
+                           key=keys, **hparams)
+            maps = np.asarray(jax.block_until_ready(maps), np.float32)
+            _log(f"{method}: maps {int(idx[0])}-{int(idx[-1]) + 1} in {time.perf_counter() - started:.1f}s")
+            _atomic_savez(path, index=idx, predicted=split.predicted[i:i + bs], attribution=maps)
+            out.append(maps)
+        maps = np.concatenate(out)
+        self._maps[(method, split.tag)] = maps
+        return maps
+
+    # -------------------------------------------------------------------- scores
+    def scores(self, method: str, split: Split, config: IPropConfig | None) -> dict[str, Any]:
+        """Per-image insertion/deletion AUCs (protocol ``la``) of method (+ IProp with ``config``)."""
+        from la_iprop.metrics import evaluate
+
+        path = self.cache / "scores" / split.tag / self.method_dir(method) / f"{setting_key(config)}.npz"
+        if path.exists():
+            with np.load(path) as f:
+                if np.array_equal(f["index"], split.indices):
+                    self.cache_hits += 1
+                    return _summary(f["insertion"], f["deletion"], float(f["iterations"]))
+        maps = self.maps(method, split)
+        started = time.perf_counter()
+        ins, dele, iterations = [], [], []
+        bs = self.args.batch_size
+        for i in range(0, len(split.indices), bs):
+            images = jnp.asarray(split.images[i:i + bs])
+            attributions = jnp.asarray(maps[i:i + bs])
+            if config is not None:
+                values, its = iprop(images, attributions, config=config, return_iterations=True)
+                attributions = jnp.broadcast_to(values[..., None], images.shape)
+                iterations.append(np.asarray(its))
+            game = evaluate(self.model, images, attributions, protocol="la", labels=split.predicted[i:i + bs])
+            ins.append(game.insertion_aucs)
+            dele.append(game.deletion_aucs)
+        ins, dele = np.concatenate(ins), np.concatenate(dele)
+        mean_its = float(np.concatenate(iterations).mean()) if iterations else 0.0
+        _atomic_savez(path, index=split.indices, insertion=ins, deletion=dele, iterations=mean_its)
+        self.evaluated += 1
+        summary = _summary(ins, dele, mean_its)
+        _log(f"{method} {setting_key(config)} [{split.tag}]: ins {summary['insertion']:.4f} "
+             f"del {summary['deletion']:.4f} ins-del {summary['ins_minus_del']:.4f} "
+             f"({time.perf_counter() - started:.0f}s)")
+        return summary
+
+    def setting_score(self, methods: Iterable[str], split: Split, config: IPropConfig | None) -> dict[str, Any]:
+        per_method = {m: self.scores(m, split, config) for m in methods}
+        return {"config": None if config is None else config.as_dict(), "per_method": per_method,
+                "score": float(np.mean([s["ins_minus_del"] for s in per_method.values()]))}
+
+
+def _summary(ins: np.ndarray, dele: np.ndarray, iterations: float) -> dict[str, Any]:
+    # AUC of the mean curve == mean of the per-image AUCs (the AUC is linear in the curve).
+    i, d = float(np.mean(ins)), float(np.mean(dele))
+    return {"insertion": i, "deletion": d, "ins_minus_del": i - d, "dir": d / i if i else float("inf"),
+            "num_images": int(len(ins)), "mean_iterations": iterations}
+
+
+@jax.jit
+def _predict(model, images):
+    return jnp.argmax(model(images), axis=-1).astype(jnp.int32)
+
+
+def _log(message: str) -> None:
+    print(f"[{datetime.datetime.now():%H:%M:%S}] {message}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- search
+def search(ablation: Ablation, methods: list[str], split: Split, grid: dict[str, tuple], mode: str,
+           max_passes: int) -> dict[str, dict]:
+    """Scores settings on the tuning split; returns {tag: score record} of every setting evaluated."""
+    results: dict[str, dict] = {}
+
+    def score(setting: dict[str, Any]) -> float:
+        config = make_config(setting)
+        if config.tag() not in results:
+            results[config.tag()] = ablation.setting_score(methods, split, config)
+        return results[config.tag()]["score"]
+
+    if mode == "full":
+        for setting in full_grid(grid):
+            score(setting)
+        return results
+
+    # Coordinate ascent from the library defaults (where on the grid): best value of one axis at a time.
+    defaults = IPropConfig().as_dict()
+    current = {axis: defaults[axis] if defaults[axis] in values else values[0] for axis, values in grid.items()}
+    if not valid(current):
+        current["k"] = min(v for v in grid["k"])
+    best = score(current)
+    for _ in range(max_passes):
+        changed = False
+        for axis, values in grid.items():
+            for value in values:
+                candidate = {**current, axis: value}
+                if not valid(candidate):
+                    continue
+                s = score(candidate)
+                if s > best + 1e-12:
+                    best, current, changed = s, candidate, True
+        if not changed:
+            break
+    return results
+
+
+# ----------------------------------------------------------------------------- report
+def _fmt(x: float) -> str:
+    return f"{x:.4f}"
+
+
+def _setting_text(config: dict[str, Any] | None) -> str:
+    if config is None:
+        return "raw map"
+    return (f"k={config['k']} R={config['radius']} γ={config['gamma']:g} σ_c={config['sigma_c']:g} "
+            f"{config['color_space']} {config['reward']}")
+
+
+def write_report(path: pathlib.Path, *, command: str, args: argparse.Namespace, methods: list[str],
+                 chosen: dict[str, Any], results: dict[str, dict], raw_tune: dict, controls_tune: dict[str, dict],
+                 heldout: dict[str, dict[str, dict]], env: dict, protocol: dict, elapsed: float) -> str:
+    ranked = sorted(results.values(), key=lambda r: r["score"], reverse=True)
+    lines = [
+        "# IProp ablation",
+        "",
+        f"Regenerate with (from the repository root): `{command}`",
+        "",
+        f"Model `{args.model}`, data `{args.data}`, method settings `{args.settings}`, seed {args.seed}. "
+        f"Protocol `la` (official LA/MFABA evaluation: softmax probability of the clean top-1 class, all H·W·3 "
+        f"elements ranked, 3·224 per step, black substrate; AUC of the mean curve). IProp maps are per pixel, "
+        f"broadcast to the 3 channels. Tuning split: images {args.tune}; held-out split: images {args.heldout}. "
+        f"Search `{args.search}` over {json.dumps({k: list(v) for k, v in args.grid.items()})} "
+        f"(σ_s, tol, max_iter at the library defaults): {len(results)} settings evaluated. "
+        f"Score of a setting: mean over methods ({', '.join(methods)}) of ins − del on the tuning split.",
+        "",
+        f"Environment: jax {env['jax']} ({env['backend']}, {env['device']}), python {env['python']}; "
+        f"{datetime.date.today()}; wall time {elapsed / 60:.1f} min this run "
+        f"({env['evaluated']} (method, setting) evaluations computed, {env['cache_hits']} from the cache).",
+        "",
+        "## Chosen defaults (best mean ins − del on the tuning split)",
+        "",
+        "| k | radius | γ | σ_c | colour space | reward | σ_s | tol | max_iter |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| {chosen['k']} | {chosen['radius']} | {chosen['gamma']:g} | {chosen['sigma_c']:g} | "
+        f"{chosen['color_space']} | {chosen['reward']} | {chosen['sigma_s']:g} | {chosen['tol']:g} | "
+        f"{chosen['max_iter']} |",
+        "",
+        "## Held-out split: method vs method + IProp",
+        "",
+        "`+ctrl` is the γ = 0 control: the chosen reward rule (channel aggregation) without propagation.",
+        "",
+        "| method | variant | insertion ↑ | deletion ↓ | ins − del ↑ | dir ↓ |",
+        "|---|---|---|---|---|---|",
+    ]
+    verdicts = []
+    for method in methods:
+        rows = heldout[method]
+        for variant in ("raw", "ctrl", "iprop"):
+            r = rows[variant]
+            name = {"raw": method, "ctrl": f"{method}+ctrl", "iprop": f"{method}+iprop"}[variant]
+            lines.append(f"| {method} | {name} | {_fmt(r['insertion'])} | {_fmt(r['deletion'])} | "
+                         f"{_fmt(r['ins_minus_del'])} | {_fmt(r['dir'])} |")
+        gain = rows["iprop"]["ins_minus_del"] - rows["raw"]["ins_minus_del"]
+        over_ctrl = rows["iprop"]["ins_minus_del"] - rows["ctrl"]["ins_minus_del"]
+        verdicts.append(f"- **{method}**: IProp {'helps' if gain > 0 else 'hurts'} "
+                        f"(ins − del {gain:+.4f} vs the raw map; {over_ctrl:+.4f} vs the γ = 0 control, i.e. "
+                        f"propagation itself {'helps' if over_ctrl > 0 else 'hurts'}).")
+    lines += ["", "Verdict on the held-out split:", "", *verdicts, ""]
+
+    lines += ["## Tuning split: γ = 0 controls and raw maps", "",
+              "| reward rule | " + " | ".join(f"{m} ins − del" for m in methods) + " | mean |",
+              "|---|" + "---|" * (len(methods) + 1)]
+    lines.append("| raw map | " + " | ".join(_fmt(raw_tune["per_method"][m]["ins_minus_del"]) for m in methods)
+                 + f" | {_fmt(raw_tune['score'])} |")
+    for rule, rec in controls_tune.items():
+        lines.append(f"| γ = 0, {rule} | " + " | ".join(_fmt(rec["per_method"][m]["ins_minus_del"]) for m in methods)
+                     + f" | {_fmt(rec['score'])} |")
+
+    top = ranked[: args.report_top]
+    lines += ["", f"## Tuning split: the {len(top)} best settings", "",
+              "| setting | " + " | ".join(f"{m} ins − del" for m in methods) + " | mean | iterations |",
+              "|---|" + "---|" * (len(methods) + 2)]
+    for rec in top:
+        its = np.mean([rec["per_method"][m]["mean_iterations"] for m in methods])
+        lines.append(f"| {_setting_text(rec['config'])} | "
+                     + " | ".join(_fmt(rec["per_method"][m]["ins_minus_del"]) for m in methods)
+                     + f" | {_fmt(rec['score'])} | {its:.0f} |")
+
+    lines += ["", "## Tuning split: best mean ins − del per value of each axis (over the settings evaluated)", "",
+              "| axis | value | best mean ins − del | settings |", "|---|---|---|---|"]
+    for axis, values in args.grid.items():
+        for value in values:
+            matching = [r["score"] for r in results.values() if r["config"][axis] == value]
+            if matching:
+                lines.append(f"| {axis} | {value} | {_fmt(max(matching))} | {len(matching)} |")
+    lines += ["", "Protocol record: `" + json.dumps(protocol, default=str) + "`", ""]
+    text = "\n".join(lines)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return text
+
+
+# ----------------------------------------------------------------------------- main
+def _range(text: str) -> tuple[int, int]:
+    try:
+        start, stop = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected START:STOP (stop exclusive), got {text!r}") from None
+    return start, stop
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", default="sm,ig,la", help="registered methods, comma separated")
+    p.add_argument("--model", default="efficientnet_lite0")
+    p.add_argument("--data", default=DEFAULT_DATA, help="image source spec (la1000:PATH)")
+    p.add_argument("--tune", type=_range, default=(0, 200), help="tuning split START:STOP")
+    p.add_argument("--heldout", type=_range, default=(800, 1000), help="held-out split START:STOP")
+    p.add_argument("--settings", choices=("paper", "quick"), default="paper",
+                   help="method hyperparameters: the defaults (paper) or the cheap CPU ones (quick)")
+    p.add_argument("--search", choices=("full", "coordinate"), default="coordinate",
+                   help="full: every valid grid point; coordinate: ascent one axis at a time from the defaults")
+    p.add_argument("--max_passes", type=int, default=3, help="coordinate search: passes over the axes at most")
+    p.add_argument("--grid", type=json.loads, default={},
+                   help='JSON replacing some axes of the grid, e.g. \'{"gamma": [0.5, 0.9]}\' (smoke runs)')
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache", default=str(ROOT / "runs" / "iprop_ablation"))
+    p.add_argument("--out", default=str(ROOT / "results" / "iprop_ablation.md"))
+    p.add_argument("--report_top", type=int, default=15)
+    args = p.parse_args(argv)
+    args.methods = [m for m in args.methods.split(",") if m]
+    unknown = sorted(set(args.grid) - set(GRID))
+    if unknown:
+        p.error(f"--grid: unknown axes {unknown}; axes: {list(GRID)}")
+    args.grid = {**GRID, **{k: tuple(v) for k, v in args.grid.items()}}
+    args.tune_range, args.heldout_range = args.tune, args.heldout
+    args.tune, args.heldout = ("{}–{}".format(r[0], r[1] - 1) for r in (args.tune, args.heldout))  # inclusive
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    started = time.perf_counter()
+    command = "python -m experiments.iprop_ablation " + " ".join(shlex.quote(a) for a in (
+        sys.argv[1:] if argv is None else argv))
+    args = parse_args(argv)
+    from la_iprop.attribution import available_methods
+    unknown = [m for m in args.methods if m not in available_methods()]
+    if unknown or not args.methods:
+        raise SystemExit(f"--methods: unknown {unknown}; available: {', '.join(available_methods())}")
+
+    ablation = Ablation(args)
+    tune = ablation.split("tune", *args.tune_range)
+    heldout = ablation.split("heldout", *args.heldout_range)
+
+    raw_tune = ablation.setting_score(args.methods, tune, None)
+    controls_tune = {rule: ablation.setting_score(args.methods, tune, IPropConfig(gamma=0.0, reward=rule))
+                     for rule in REWARD_RULES}
+    results = search(ablation, args.methods, tune, args.grid, args.search, args.max_passes)
+    best = max(results.values(), key=lambda r: r["score"])
+    chosen = best["config"]
+    chosen_config = IPropConfig(**chosen)
+    control = IPropConfig(gamma=0.0, reward=chosen["reward"])
+
+    held = {m: {"raw": ablation.scores(m, heldout, None), "ctrl": ablation.scores(m, heldout, control),
+                "iprop": ablation.scores(m, heldout, chosen_config)} for m in args.methods}
+
+    from la_iprop.metrics import get_protocol
+    device = jax.devices()[0]
+    env = {"jax": jax.__version__, "backend": jax.default_backend(),
+           "device": getattr(device, "device_kind", str(device)), "python": platform.python_version(),
+           "evaluated": ablation.evaluated, "cache_hits": ablation.cache_hits}
+    elapsed = time.perf_counter() - started
+    out = pathlib.Path(args.out)
+    write_report(out, command=command, args=args, methods=args.methods, chosen=chosen, results=results,
+                 raw_tune=raw_tune, controls_tune=controls_tune, heldout=held, env=env,
+                 protocol=get_protocol("la").to_dict(), elapsed=elapsed)
+    record = {"command": command, "chosen": chosen, "tuning": {"raw": raw_tune, "controls": controls_tune,
+                                                               "settings": results},
+              "heldout": held, "environment": env, "args": {k: v for k, v in vars(args).items()}}
+    out.with_suffix(".json").write_text(json.dumps(record, indent=1, default=str))
+    _log(f"wrote {out} and {out.with_suffix('.json')}")
+    return record
+
+
+if __name__ == "__main__":
+    main()
