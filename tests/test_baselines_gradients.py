@@ -14,7 +14,7 @@ import pytest
 from la_iprop.attribution import available_methods, get_method
 from la_iprop.attribution.base import class_probability
 from la_iprop.attribution.gradients import chunked_sum, fig, sg, sm
-from la_iprop.attribution.guided_ig import gig
+from la_iprop.attribution.guided_ig import gig, kth_smallest_nonnegative
 from la_iprop.attribution.integrated import eg, ig, quadrature
 from la_iprop.models import ModelFn
 from conftest import la1000_images
@@ -176,6 +176,17 @@ def test_guided_ig_matches_numpy_reference(tiny):
                                               rule="riemann_left"))[0]).max() > 1e-3 * np.abs(ref).max()
 
 
+def test_kth_smallest_matches_sort():
+    rng = np.random.RandomState(0)
+    for n in (1, 7, 300):
+        v = np.abs(rng.standard_normal(n)).astype(np.float32)
+        v[rng.rand(n) < 0.3] = np.inf   # frozen features
+        v[rng.rand(n) < 0.2] = 0.0      # dead gradients
+        v[rng.rand(n) < 0.2] = v[0]     # ties
+        for k in {0, n // 4, n - 1}:
+            assert float(kth_smallest_nonnegative(jnp.asarray(v), k)) == np.sort(v)[k]
+
+
 def test_guided_ig_without_deviation_is_left_riemann_ig(tiny):
     x = _images(2, size=8, seed=4)
     labels = np.array([1, 2], np.int32)
@@ -284,7 +295,7 @@ def test_ig_completeness_on_lite0(lite0):
     delta = probs[[0, 1], labels] - probs[2, labels]
     errors = {}
     for steps in (8, 200):
-        total = np.asarray(ig(lite0, images, labels, steps=steps, step_chunk=25)).sum(axis=(1, 2, 3))
+        total = np.asarray(ig(lite0, images, labels, steps=steps)).sum(axis=(1, 2, 3))
         errors[steps] = np.abs(total - delta) / np.abs(delta)
     assert np.all(errors[200] < 0.01), errors
     assert np.all(errors[8] > errors[200]), errors

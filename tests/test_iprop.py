@@ -11,7 +11,8 @@ import pytest
 import scipy.sparse
 
 from la_iprop.iprop import (IPropConfig, iprop, iteration_bound, knn_graph, parse_iprop_name, propagate,
-                            reward_from_attribution, rgb_to_lab, to_dense, with_iprop)
+                            reward_from_attribution, rgb_to_lab, to_dense, transition_matvec, window_matvec,
+                            with_iprop)
 from la_iprop.iprop.graph import color_features
 
 
@@ -39,11 +40,12 @@ def test_propagate_equals_dense_solve(gamma, color_space):
     image = _random_image((16, 16), seed=1)
     graph = knn_graph(image, k=8, radius=2, sigma_s=1.5, sigma_c=0.3, color_space=color_space)
     reward = np.random.default_rng(2).standard_normal((16, 16)).astype(np.float32)
-    value, _ = propagate(graph, reward, gamma=gamma, tol=1e-7, max_iter=3000)
     exact = np.linalg.solve(np.eye(256) - gamma * _dense(graph, 256), reward.reshape(-1).astype(np.float64))
-    assert value.shape == (16, 16)
-    rel = np.max(np.abs(np.asarray(value, np.float64).reshape(-1) - exact)) / np.max(np.abs(exact))
-    assert rel <= 1e-5
+    for radius in (None, 2):  # segment_sum over the edges, and the shifted-copies form
+        value, _ = propagate(graph, reward, gamma=gamma, tol=1e-7, max_iter=3000, radius=radius)
+        assert value.shape == (16, 16)
+        rel = np.max(np.abs(np.asarray(value, np.float64).reshape(-1) - exact)) / np.max(np.abs(exact))
+        assert rel <= 1e-5
     # And propagation really moved mass: the fixed point is far from the reward itself.
     assert np.max(np.abs(exact - reward.reshape(-1))) > 0.1 * np.max(np.abs(reward))
 
@@ -82,6 +84,18 @@ def test_iteration_count_within_contraction_bound(gamma):
     _, iterations = propagate(graph, reward, gamma=gamma, tol=tol)
     bound = math.log(tol) / math.log(gamma)
     assert 1 <= int(iterations) <= math.ceil(bound) + 1
+
+
+@pytest.mark.parametrize("k,radius,shape", [(3, 1, (9, 13)), (8, 2, (16, 11)), (16, 3, (7, 20))])
+def test_window_matvec_equals_segment_sum(k, radius, shape):
+    # The shifted-copies form of P V (interior) + border strips is the same operator as the edge list.
+    graph = knn_graph(_random_image(shape, seed=k), k=k, radius=radius, sigma_c=0.2)
+    value = jnp.asarray(np.random.default_rng(radius).standard_normal(shape[0] * shape[1]), jnp.float32)
+    by_edges = transition_matvec(graph, value)
+    by_window = jax.jit(lambda g, v: window_matvec(g, *shape, radius)(v))(graph, value)
+    np.testing.assert_allclose(np.asarray(by_window), np.asarray(by_edges), rtol=1e-5, atol=1e-6)
+    dense = _dense(graph, shape[0] * shape[1]) @ np.asarray(value, np.float64)
+    np.testing.assert_allclose(np.asarray(by_window), dense, rtol=1e-5, atol=1e-5)
 
 
 def test_max_iter_caps_the_loop():
@@ -313,3 +327,5 @@ def test_bad_input_errors():
         propagate(knn_graph(images[0], k=4, radius=1), jnp.zeros((7, 10)), gamma=0.5)
     with pytest.raises(ValueError, match="images"):
         iprop(images * 2.0, attributions)
+    with pytest.raises(ValueError, match="radius=1 does not match the graph"):
+        propagate(knn_graph(images[0], k=8, radius=2), jnp.zeros((10, 10)), gamma=0.5, radius=1)

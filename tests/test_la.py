@@ -43,19 +43,20 @@ def _agreement(ours: np.ndarray, theirs: np.ndarray) -> tuple[float, float]:
 
 # --- parity with the official code (EfficientNet-Lite0) -------------------------------------------------------
 
-# The official update jumps to a corner of the box chosen by sign(grad) at the previous corner. This map is
-# chaotic: float32 rounding differences flip the sign of near-zero gradient elements, every flip moves the next
-# iterate, and the number of differing elements grows ~10x per step until about half of them differ after 5-8
-# steps. The official PyTorch code itself, run with 1 vs 2 threads on this CPU, agrees with its own T=10 output
-# only to Pearson 0.90-0.98 / relative L1 0.16-0.43 (see the report). So the T=10 reference can only be matched
-# to within that spread; the exact check of the algorithm is made before the divergence (T=2) against an
-# independent PyTorch transcription of the official loop.
-REFERENCE_PEARSON = 0.90
-REFERENCE_REL_L1 = 0.45
+# The official update jumps to a corner of the box chosen by sign(grad) at the previous corner. In float32 this
+# map is chaotic: rounding differences flip the sign of near-zero gradient elements, each flip moves the next
+# iterate, and the number of differing elements grows ~10x per step until about half of them differ after 4-8
+# steps (measured: the official loop in PyTorch with 1 vs 2 threads already diverges). So the stored float32 output
+# at T=10 is matched only loosely (measured on the 6 stored images, ours vs official: Pearson 0.79-0.96, relative
+# L1 0.25-0.50; PyTorch 1 thread vs official: 0.90-0.99 / 0.09-0.35; float64 ground truth vs official: 0.81-0.96).
+# The exact parity check runs in float64, where the divergence disappears, against an independent PyTorch
+# transcription of the official loop at the full settings (s=10, T=10, K=6).
+REFERENCE_PEARSON = 0.75
+REFERENCE_REL_L1 = 0.6
 
 
 @pytest.mark.slow
-def test_matches_official_reference_within_float_chaos(lite0, la_reference):
+def test_matches_official_float32_reference_within_rounding_chaos(lite0, la_reference):
     positions = [0, 2]  # all 6 are checked in the report; 2 keep CI within budget
     images, _ = la1000_images(la_reference["image_index"][positions])
     k = int(la_reference["sampling_times"])
@@ -69,8 +70,8 @@ def test_matches_official_reference_within_float_chaos(lite0, la_reference):
         assert pearson >= REFERENCE_PEARSON and rel_l1 <= REFERENCE_REL_L1, (pos, pearson, rel_l1)
 
 
-def _official_loop_torch(images_nhwc, targets, *, spatial_range, max_iter):
-    """The official LA loop (batch size 1), transcribed from the paper's description for PyTorch."""
+def _official_loop_torch(images_nhwc, targets, *, spatial_range, max_iter, dtype):
+    """The official LA loop at batch size 1, written independently for PyTorch as a test oracle."""
     import torch
     from efficientnet_lite_pytorch import EfficientNet
 
@@ -78,12 +79,12 @@ def _official_loop_torch(images_nhwc, targets, *, spatial_range, max_iter):
 
     net = EfficientNet.from_name("efficientnet-lite0")
     net.load_state_dict(torch.load(EMBEDDED_LITE0_CHECKPOINT(), weights_only=True))
-    net.eval()
+    net = net.eval().to(dtype)
 
     def prob(x):
         return torch.softmax(net((x * 255 - 127) / 128), dim=-1)
 
-    x0 = torch.from_numpy(images_nhwc).permute(0, 3, 1, 2).contiguous()
+    x0 = torch.from_numpy(images_nhwc).permute(0, 3, 1, 2).contiguous().to(dtype)
     label = int(prob(x0).argmax())
     eps = x0 / spatial_range
     total = torch.zeros_like(x0)
@@ -101,19 +102,35 @@ def _official_loop_torch(images_nhwc, targets, *, spatial_range, max_iter):
                 g_target = torch.autograd.grad(p[target], x)[0]
                 x = torch.clamp(x0 + eps * g_target.sign(), 0, 1)
             total += -g_label * (x - x0)
-    return total.permute(0, 2, 3, 1).detach().numpy()
+    return label, total.permute(0, 2, 3, 1).detach().numpy()
 
 
 @pytest.mark.slow
-def test_matches_official_loop_before_divergence(lite0, la_reference):
+def test_matches_official_loop_exactly_in_float64(lite0, la_reference):
     pytest.importorskip("efficientnet_lite_pytorch")
-    pos = 1
+    torch = pytest.importorskip("torch")
+    from la_iprop.attribution.la import _local_attribution_batch
+
+    pos = 4
     images, _ = la1000_images(la_reference["image_index"][[pos]])
     targets = la_reference["selected_classes"][pos, :5].copy()
     targets[1] = la_reference["predicted"][pos]  # exercises the replace-if-equal-to-label rule
-    ours = np.asarray(local_attribution(lite0, images, None, spatial_range=10.0, max_iter=2, sampling_times=6,
-                                        target_classes=targets))
-    theirs = _official_loop_torch(images, targets, spatial_range=10.0, max_iter=2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # intra-op threads crawl when the CPU is shared
+    try:
+        label, theirs = _official_loop_torch(images, targets, spatial_range=10.0, max_iter=10, dtype=torch.float64)
+    finally:
+        torch.set_num_threads(threads)
+    with jax.enable_x64(True):
+        # the public entry point works in float32 (the convention); the kernel itself follows the input dtype
+        model64 = lite0.replace(variables=jax.tree_util.tree_map(lambda v: v.astype(jnp.float64), lite0.variables))
+        labels = jnp.array([label], jnp.int32)
+        targets = avoid_label(jnp.asarray(targets[None], jnp.int32), labels[:, None], 1000)
+        ours, _ = _local_attribution_batch(model64, jnp.asarray(images, jnp.float64), labels, targets,
+                                           spatial_range=10.0, max_iter=10, update="restart", step_size=1.0,
+                                           run_chunk=None, keep_path=False)
+        ours = np.asarray(ours)
+    assert ours.dtype == np.float64
     pearson, rel_l1 = _agreement(ours[0], theirs[0])
     assert pearson >= 0.999 and rel_l1 <= 0.02, (pearson, rel_l1)
 

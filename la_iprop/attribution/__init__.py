@@ -5,6 +5,7 @@ one import line below.
 """
 
 from la_iprop.attribution import la  # noqa: F401  (registers "la")
+from la_iprop.attribution import agi, attexplore, big, mfaba  # noqa: F401  (agi attexplore big mfaba)
 from la_iprop.attribution import deeplift, gradients, guided_ig, integrated  # noqa: F401  (sm sg fig ig eg gig deeplift)
 from la_iprop.attribution.base import (MethodSpec, available_methods, get_method, method_hparams,
                                        register_method)

@@ -34,12 +34,31 @@ from la_iprop.attribution.base import prepare_inputs, register_method
 from la_iprop.attribution.gradients import probability_grad
 from la_iprop.checks import check_in_range, check_int_at_least
 
-__all__ = ["gig", "guided_ig_path"]
+__all__ = ["gig", "guided_ig_path", "kth_smallest_nonnegative"]
 
 # Float32 L1 sums over ~1.5e5 features carry ~1e-6 relative rounding; a step's target
 # counts as met within this fraction of the total distance (the reference, in float64,
 # uses 1e-9).
 _L1_RTOL = 1e-6
+
+
+def kth_smallest_nonnegative(values: jax.Array, k: int) -> jax.Array:
+    """The ``k``-th smallest (0-based) of non-negative float32 ``values`` (+inf allowed), exactly.
+
+    Bisection on the int32 bit patterns, which order non-negative floats like their
+    values: 32 counting passes, O(32 N), far cheaper on CPU than a sort (65 ms for
+    1.5e5 floats), and no gather.
+    """
+    bits = lax.bitcast_convert_type(values.astype(jnp.float32), jnp.int32).ravel()
+
+    def halve(_, bounds):
+        low, high = bounds  # invariant: the answer's bits lie in [low, high]
+        mid = low + (high - low) // 2
+        enough = jnp.sum(bits <= mid) >= k + 1
+        return jnp.where(enough, low, mid + 1), jnp.where(enough, mid, high)
+
+    _, high = lax.fori_loop(0, 32, halve, (jnp.int32(0), jnp.int32(0x7F800000)))  # 0x7F800000 = +inf
+    return lax.bitcast_convert_type(high, jnp.float32)
 
 
 def guided_ig_path(grad_fn: Callable[[jax.Array], jax.Array], x: jax.Array, start: jax.Array, *, steps: int,
@@ -76,7 +95,7 @@ def guided_ig_path(grad_fn: Callable[[jax.Array], jax.Array], x: jax.Array, star
             met = l1_now - l1_target <= _L1_RTOL * l1_total
 
             ranked = jnp.where(point == x_max, jnp.inf, abs_grad)
-            threshold = jnp.sort(ranked.ravel())[rank]
+            threshold = kth_smallest_nonnegative(ranked, rank)
             selected = (ranked <= threshold) & jnp.isfinite(ranked)
             l1_selected = jnp.sum(jnp.where(selected, jnp.abs(point - x_max), 0.0))
             gamma = jnp.where(l1_selected > 0, (l1_now - l1_target) / jnp.where(l1_selected > 0, l1_selected, 1.0),

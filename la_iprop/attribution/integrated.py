@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from la_iprop.attribution.base import prepare_inputs, register_method, split_per_image
-from la_iprop.attribution.gradients import chunked_sum, probability_grad
+from la_iprop.attribution.gradients import chunked_sum, probability_grad, resolve_chunk
 from la_iprop.checks import check_choice, check_images, check_in_range, check_int_at_least
 
 __all__ = ["ig", "eg", "quadrature", "RULES"]
@@ -73,17 +73,18 @@ def _ig_core(logit_fn, images, labels, *, steps, rule, baseline, step_chunk):
 @register_method("ig", description="Integrated Gradients, black baseline, 50 steps, trapezoid rule",
                  quick={"steps": 8})
 def ig(logit_fn: Callable, images, labels=None, *, key=None, steps: int = 50, rule: str = "riemann_trapezoid",
-       baseline: float = 0.0, step_chunk: int = 10) -> jax.Array:
+       baseline: float = 0.0, step_chunk: int | None = None) -> jax.Array:
     """Integrated Gradients (Sundararajan et al. 2017) of ``p_y`` from a constant baseline.
 
     ``IG = (x - b) * sum_k w_k grad p_y(b + a_k (x - b))`` with the quadrature ``rule``
     (see :func:`quadrature`; default ``riemann_trapezoid`` with 50 steps, as the official
     LA code, which explains ``p_y`` through its softmax-ended model). ``y`` = ``labels``
     (the class explained). ``baseline`` is a constant pixel value in [0, 1] (0 = black).
-    ``step_chunk`` path points per image go through the model at once (bounds memory).
+    ``step_chunk`` path points per image go through the model at once (bounds memory;
+    None: see :func:`~la_iprop.attribution.gradients.resolve_chunk`).
     Model evaluations per image: ``steps``. ``key`` is unused.
     """
-    check_int_at_least("step_chunk", step_chunk, 1)
+    step_chunk = resolve_chunk("step_chunk", step_chunk)
     check_in_range("baseline", baseline, 0.0, 1.0, high_inclusive=True)
     quadrature(rule, steps)  # validates rule and steps before any tracing
     logit_fn, images, labels, _ = prepare_inputs(logit_fn, images, labels, key=key)
@@ -114,7 +115,7 @@ def _eg_core(logit_fn, images, labels, keys, references, *, samples, sample_chun
                  "interpolation points (1 sample, as the official LA code)", quick={"samples": 1},
                  needs_reference_set=True)
 def eg(logit_fn: Callable, images, labels=None, *, key, reference_images=None, samples: int = 1,
-       sample_chunk: int = 10) -> jax.Array:
+       sample_chunk: int | None = None) -> jax.Array:
     """Expected Gradients (Erion et al. 2021): ``E_{r, a}[(x - r) * grad p_y(r + a (x - r))]``.
 
     ``r`` is drawn uniformly (with replacement) from ``reference_images`` [M, H, W, 3]
@@ -123,10 +124,11 @@ def eg(logit_fn: Callable, images, labels=None, *, key, reference_images=None, s
     expectation is a mean over ``samples`` draws (the official LA code uses 1). ``y`` =
     ``labels`` (the class explained). Draws come from ``key`` (one key per image by
     position, one per sample by index), so results do not depend on the batch or on
-    ``sample_chunk``. Model evaluations per image: ``samples``.
+    ``sample_chunk`` (samples per model call per image; None: backend default).
+    Model evaluations per image: ``samples``.
     """
     check_int_at_least("samples", samples, 1)
-    check_int_at_least("sample_chunk", sample_chunk, 1)
+    sample_chunk = resolve_chunk("sample_chunk", sample_chunk)
     if reference_images is None:
         raise ValueError("eg needs reference_images=[M, H, W, 3] (the images baselines are drawn from)")
     if hasattr(reference_images, "shape") and len(reference_images.shape) == 4 and reference_images.shape[0] == 0:

@@ -31,7 +31,9 @@ def iprop_single(image: jax.Array, attribution: jax.Array, config: IPropConfig) 
         return reward, jnp.ones((), jnp.int32)
     graph = knn_graph(image, k=config.k, radius=config.radius, sigma_s=config.sigma_s, sigma_c=config.sigma_c,
                       color_space=config.color_space)
-    return propagate(graph, reward, gamma=config.gamma, tol=config.tol, max_iter=config.max_iter)
+    # radius: P V by shifted copies (window_matvec), the faster of the two equal forms on CPU.
+    return propagate(graph, reward, gamma=config.gamma, tol=config.tol, max_iter=config.max_iter,
+                     radius=config.radius)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
