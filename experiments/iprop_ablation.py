@@ -311,6 +311,9 @@ def write_report(path: pathlib.Path, *, command: str, args: argparse.Namespace, 
         f"{chosen['color_space']} | {chosen['reward']} | {chosen['sigma_s']:g} | {chosen['tol']:g} | "
         f"{chosen['max_iter']} |",
         "",
+        "To adopt them, set in `la_iprop/iprop/defaults.py`: " + ", ".join(
+            f"`DEFAULT_{name.upper()} = {chosen[name]!r}`" for name in GRID) + ".",
+        "",
         "## Held-out split: method vs method + IProp",
         "",
         "`+ctrl` is the γ = 0 control: the chosen reward rule (channel aggregation) without propagation.",

@@ -84,57 +84,66 @@ def run(args) -> dict:
     config = IPropConfig().replace(**overrides)
     repeats = 3 if args.quick else args.repeats
     batches = [1] if args.quick else args.batch
-    graph_kw = dict(k=config.k, radius=config.radius, sigma_s=config.sigma_s, sigma_c=config.sigma_c,
-                    color_space=config.color_space)
-
-    graph_fn = jax.jit(jax.vmap(lambda x: knn_graph(x, **graph_kw)))
-    prop_fns = {  # the two equal forms of P V: edge-list segment_sum, and shifted copies (used by iprop)
-        form: jax.jit(jax.vmap(lambda g, r, radius=radius: propagate(
-            g, r, gamma=config.gamma, tol=config.tol, max_iter=config.max_iter, radius=radius)))
+    size = tuple(args.size)
+    graph_fn = jax.jit(lambda x: knn_graph(x, k=config.k, radius=config.radius, sigma_s=config.sigma_s,
+                                           sigma_c=config.sigma_c, color_space=config.color_space))
+    prop_fns = {  # the two equal forms of P V: edge-list segment_sum, and shifted copies (what iprop uses)
+        form: jax.jit(lambda g, r, radius=radius: propagate(g, r, gamma=config.gamma, tol=config.tol,
+                                                            max_iter=config.max_iter, radius=radius))
         for form, radius in (("segment_sum", None), ("window", config.radius))}
-    out = {"config": config.as_dict(), "size": list(args.size), "timing": "median (min) of repeats, compiled",
-           "per_batch": []}
-    for batch in batches:
-        images = jnp.asarray(_images(batch, tuple(args.size)))
-        attributions = jnp.asarray(_attributions(np.asarray(images)))
-        rewards = jax.vmap(lambda a: reward_from_attribution(a, config.reward))(attributions)
-        graphs = graph_fn(images)
-        row = {"batch": batch}
-        row["graph_ms_per_image"] = _ms(functools.partial(graph_fn, images), repeats, batch)
-        values = {}
-        for form, fn in prop_fns.items():
-            values[form], iterations = fn(graphs, rewards)
-            row[f"propagate_{form}_ms_per_image"] = _ms(functools.partial(fn, graphs, rewards), repeats, batch)
-        row["iprop_total_ms_per_image"] = _ms(functools.partial(iprop, images, attributions, config=config),
-                                              repeats, batch)
-        row["iterations"] = np.asarray(iterations).tolist()
-        out["per_batch"].append(row)
+    out = {"config": config.as_dict(), "size": list(size),
+           "timing": "[median, min] ms per image over repeats, compiled; min is the least noisy on a shared machine"}
 
-    # The scipy.sparse reference on the first image of the last batch (one image: it has no batching).
-    graph0 = jax.tree_util.tree_map(lambda a: a[0], graphs)
-    reward0 = np.asarray(rewards[0])
-    reference = {}
-    for dtype in (np.float64, np.float32):
-        runs = [scipy_fixed_point(graph0, reward0, gamma=config.gamma, tol=config.tol, max_iter=config.max_iter,
-                                  dtype=dtype) for _ in range(repeats)]
-        v_ref, its, build, _ = runs[0]
-        iterate = [r[3] for r in runs]
-        rel = {form: float(np.max(np.abs(np.asarray(v[0], np.float64) - v_ref)) / np.max(np.abs(v_ref)))
-               for form, v in values.items()}
-        reference[np.dtype(dtype).name] = {"csr_build_ms": 1e3 * build,
-                                           "iterate_ms": [1e3 * float(np.median(iterate)), 1e3 * min(iterate)],
-                                           "iterations": its, "rel_max_diff_vs_jax": rel}
-    out["scipy_reference"] = reference
-    single = next((row for row in out["per_batch"] if row["batch"] == 1), out["per_batch"][0])
-    out["propagate_speedup_vs_scipy_float32_batch1"] = {  # median over median; scipy excludes the CSR build
-        form: reference["float32"]["iterate_ms"][0] / single[f"propagate_{form}_ms_per_image"][0]
-        for form in prop_fns}
+    # One image: graph and propagation separately, in rounds interleaved with the scipy.sparse reference
+    # (CSR mat-vec iteration, same stopping rule) so that all see the same machine load.
+    image = jnp.asarray(_images(1, size)[0])
+    reward = reward_from_attribution(jnp.asarray(_attributions(np.asarray(image)[None])[0]), config.reward)
+    graph = graph_fn(image)
+    values = {form: fn(graph, reward) for form, fn in prop_fns.items()}
+    reward_np = np.asarray(reward)
+    times: dict[str, list[float]] = {name: [] for name in ["graph", *prop_fns, "scipy_float32", "scipy_float64"]}
+    scipy_runs = {}
+    for _ in range(max(repeats, 5)):
+        times["graph"].append(time_call(functools.partial(graph_fn, image), repeats=1))
+        for form, fn in prop_fns.items():
+            times[form].append(time_call(functools.partial(fn, graph, reward), repeats=1))
+        for dtype in (np.float32, np.float64):
+            scipy_runs[dtype] = scipy_fixed_point(graph, reward_np, gamma=config.gamma, tol=config.tol,
+                                                  max_iter=config.max_iter, dtype=dtype)
+            times[f"scipy_{np.dtype(dtype).name}"].append(scipy_runs[dtype][3])
+    figures = {name: [1e3 * float(np.median(t)), 1e3 * float(np.min(t))] for name, t in times.items()}
+    out["single_image_ms"] = {"graph": figures["graph"],
+                              **{f"propagate_{form}": figures[form] for form in prop_fns},
+                              "graph_plus_propagate_window": [a + b for a, b in zip(figures["graph"],
+                                                                                    figures["window"], strict=True)],
+                              "scipy_csr_iterate_float32": figures["scipy_float32"],
+                              "scipy_csr_iterate_float64": figures["scipy_float64"]}
+    out["iterations"] = {form: int(values[form][1]) for form in prop_fns}
+    out["scipy_reference"] = {}
+    for dtype, (v_ref, its, build, _) in scipy_runs.items():
+        out["scipy_reference"][np.dtype(dtype).name] = {
+            "csr_build_ms": 1e3 * build, "iterations": its,
+            "rel_max_diff_vs_jax": {form: float(np.max(np.abs(np.asarray(v[0], np.float64) - v_ref))
+                                                / np.max(np.abs(v_ref))) for form, v in values.items()}}
+    out["propagate_speedup_vs_scipy_float32"] = {  # median over median; scipy excludes the CSR build
+        form: figures["scipy_float32"][0] / figures[form][0] for form in prop_fns}
+
+    # Whole batches through iprop(): the CPU default (one image at a time) and one vmap over the batch.
+    out["iprop_ms_per_image"] = []
+    for batch in batches:
+        images = jnp.asarray(_images(batch, size))
+        attributions = jnp.asarray(_attributions(np.asarray(images)))
+        row = {"batch": batch}
+        for label, chunk in (("default_chunk", None), ("vmap_whole_batch", batch)):
+            fn = functools.partial(iprop, images, attributions, config=config, chunk_size=chunk)
+            row[label] = _ms(fn, repeats, batch)
+        out["iprop_ms_per_image"].append(row)
     out["target_ms_per_image"] = 100.0
     return out
 
 
 def _ms(fn, repeats: int, batch: int) -> list[float]:
-    """[median, min] milliseconds per image (min: the least noisy figure on a shared machine)."""
+    """[median, min] milliseconds per image."""
     times = []
     for _ in range(repeats):
         times.append(time_call(fn, repeats=1, warmup=0 if times else 1))

@@ -29,6 +29,8 @@ def test_probability_gradients_match_separate_gradients():
         expected = jax.grad(lambda v, c=c: jax.nn.softmax(logit_fn(v[None])[0])[c])(x)
         np.testing.assert_allclose(grads[i], expected, rtol=1e-5, atol=1e-7)
     np.testing.assert_array_equal(grads[0], grads[2])
+    _, chunked = probability_gradients(logit_fn, x, classes, chunk=2)  # cotangents 2 at a time
+    np.testing.assert_allclose(chunked, grads, rtol=1e-6, atol=1e-9)
 
 
 def test_probability_gradients_use_one_forward_pass():

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import la1000_images
 
 from la_iprop.attribution import available_methods, get_method
 from la_iprop.attribution.base import class_probability
@@ -17,7 +18,6 @@ from la_iprop.attribution.gradients import chunked_sum, fig, sg, sm
 from la_iprop.attribution.guided_ig import gig, kth_smallest_nonnegative
 from la_iprop.attribution.integrated import eg, ig, quadrature
 from la_iprop.models import ModelFn
-from conftest import la1000_images
 
 SIZE = 5
 W_LIN = np.random.RandomState(0).uniform(-0.005, 0.005, (SIZE, SIZE, 3)).astype(np.float32)
@@ -74,10 +74,9 @@ def test_linear_closed_forms():
     np.testing.assert_allclose(sg(linear_probability_logits, x, ones, key=KEY, samples=6), w, rtol=1e-3, atol=1e-8)
     np.testing.assert_allclose(fig(linear_probability_logits, x, ones), x * w / p1[:, None, None, None],
                                rtol=1e-4, atol=1e-9)
-    for rule in ("riemann_trapezoid", "gauss_legendre", "riemann_middle"):
-        for baseline in (0.0, 0.3):
-            np.testing.assert_allclose(ig(linear_probability_logits, x, ones, steps=5, rule=rule, baseline=baseline),
-                                       (x - baseline) * w, rtol=1e-4, atol=1e-8, err_msg=rule)
+    for rule, baseline in (("riemann_trapezoid", 0.0), ("gauss_legendre", 0.3), ("riemann_middle", 0.6)):
+        np.testing.assert_allclose(ig(linear_probability_logits, x, ones, steps=5, rule=rule, baseline=baseline),
+                                   (x - baseline) * w, rtol=1e-4, atol=1e-8, err_msg=rule)
     # class 0 has gradient -w
     np.testing.assert_allclose(ig(linear_probability_logits, x, 0 * ones, steps=4), -x * w, rtol=1e-4, atol=1e-8)
     # Guided IG: any path from b to x integrates a constant gradient to (x - b) * w.
@@ -168,9 +167,9 @@ def test_guided_ig_matches_numpy_reference(tiny):
     grad = jax.jit(jax.grad(lambda im, y: class_probability(tiny, im, y)))
     ours = np.asarray(gig(tiny, x, labels, steps=6, fraction=0.25, max_dist=0.1))
     for i in range(2):
-        ref = _guided_ig_numpy(lambda p: np.asarray(grad(jnp.asarray(p, jnp.float32), labels[i]), np.float64),
+        ref = _guided_ig_numpy(lambda p, y=labels[i]: np.asarray(grad(jnp.asarray(p, jnp.float32), y), np.float64),
                                x[i], np.zeros_like(x[i]), 6, 0.25, 0.1)
-        np.testing.assert_allclose(ours[i], ref, rtol=2e-3, atol=1e-6 * np.abs(ref).max())
+        np.testing.assert_allclose(ours[i], ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
         # and it differs from straight-line IG (the path is guided)
         assert np.abs(ours[i] - np.asarray(ig(tiny, x[i:i + 1], labels[i:i + 1], steps=6,
                                               rule="riemann_left"))[0]).max() > 1e-3 * np.abs(ref).max()
@@ -243,12 +242,10 @@ def test_chunking_does_not_change_results(tiny):
     labels = np.array([3, 1], np.int32)
     refs = _images(3, size=8, seed=10)
     base = ig(tiny, x, labels, steps=7, step_chunk=7)
-    for chunk in (1, 3, 100):
+    for chunk in (1, 3):
         np.testing.assert_allclose(ig(tiny, x, labels, steps=7, step_chunk=chunk), base, rtol=1e-5, atol=1e-9)
     base = sg(tiny, x, labels, key=KEY, samples=5, sample_chunk=5)
-    for chunk in (1, 2):
-        np.testing.assert_allclose(sg(tiny, x, labels, key=KEY, samples=5, sample_chunk=chunk), base,
-                                   rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(sg(tiny, x, labels, key=KEY, samples=5, sample_chunk=2), base, rtol=1e-5, atol=1e-9)
     base = eg(tiny, x, labels, key=KEY, reference_images=refs, samples=5, sample_chunk=5)
     np.testing.assert_allclose(eg(tiny, x, labels, key=KEY, reference_images=refs, samples=5, sample_chunk=2), base,
                                rtol=1e-5, atol=1e-9)

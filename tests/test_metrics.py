@@ -57,7 +57,7 @@ def loop_reference(logit_fn, images, maps, protocol: Protocol, mean_color):
         score_map = maps[i] if protocol.ranking == "element" else maps[i].sum(-1)
         order = np.argsort(-score_map.reshape(-1), kind="stable")
 
-        def substrate(kind):
+        def substrate(kind, x=x):
             if kind == "zeros":
                 return np.zeros_like(x)
             if kind == "mean":

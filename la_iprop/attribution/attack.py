@@ -29,18 +29,19 @@ __all__ = ["probability_gradients", "local_box", "project_box", "sign_step", "pa
            "normalized_step", "cross_entropy", "walk_path", "Walk", "map_in_chunks"]
 
 
-def probability_gradients(logit_fn: Callable, x: jax.Array, classes: jax.Array) -> tuple[jax.Array, jax.Array]:
+def probability_gradients(logit_fn: Callable, x: jax.Array, classes: jax.Array, *,
+                          chunk: int | None = None) -> tuple[jax.Array, jax.Array]:
     """Softmax probabilities of ONE image and their input gradients for several classes.
 
     Returns ``(p, grads)`` with ``p = softmax(logit_fn(x[None])[0])`` (shape ``[C]``) and
     ``grads[i] = d p[classes[i]] / d x`` (shape ``[len(classes), *x.shape]``). One forward
-    pass; the backward pass is vmapped over the one-hot cotangents, so it sees
-    ``len(classes)`` images while the forward activations are shared. Only ``x`` is
-    differentiated (no weight gradients).
+    pass; the backward pass is vmapped over the one-hot cotangents (``chunk`` at a time to
+    bound memory), so it sees ``len(classes)`` images while the forward activations are
+    shared. Only ``x`` is differentiated (no weight gradients).
     """
     probs, pullback = jax.vjp(lambda image: jax.nn.softmax(logit_fn(image[None])[0]), x)
     cotangents = jax.nn.one_hot(classes, probs.shape[-1], dtype=probs.dtype)
-    (grads,) = jax.vmap(pullback)(cotangents)
+    (grads,) = map_in_chunks(pullback, (cotangents,), chunk)
     return probs, grads
 
 

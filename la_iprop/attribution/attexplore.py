@@ -150,14 +150,13 @@ def _apply_axes(m_h, x, m_w):
 
 # ----------------------------------------------------------------------------- the method
 def _sample_gradient(logit_fn, x, label, key, *, sigma, rho, diversity_prob, resize_rate, on_probabilities):
-    k_ssa, k_coin, k_size, k_offset = jax.random.split(key, 4)
+    k_ssa, k_di = jax.random.split(key)
     augmented = spectrum_augment(k_ssa, x, sigma, rho)
     height, width = x.shape[0], x.shape[1]
 
-    if diversity_prob > 0:
-        u_size = jax.random.uniform(k_size, (), x.dtype)
-        u_off_h, u_off_w = jax.random.uniform(k_offset, (2,), x.dtype)
-        apply = jax.random.uniform(k_coin, (), x.dtype) < diversity_prob
+    if diversity_prob > 0:  # one draw for the coin, the resize and the two offsets (few PRNG calls compile faster)
+        coin, u_size, u_off_h, u_off_w = jax.random.uniform(k_di, (4,), x.dtype)
+        apply = coin < diversity_prob
         m_h = jnp.where(apply, diversity_matrix(u_size, u_off_h, height, resize_rate), jnp.eye(height))
         m_w = jnp.where(apply, diversity_matrix(u_size, u_off_w, width, resize_rate), jnp.eye(width))
 

@@ -32,9 +32,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
-from la_iprop.attribution.attack import local_box, path_sum, probability_gradients, sign_step
+from la_iprop.attribution.attack import local_box, map_in_chunks, path_sum, probability_gradients, sign_step
 from la_iprop.attribution.base import prepare_inputs, register_method, split_per_image
 from la_iprop.checks import check_choice, check_int_at_least, check_positive
 
@@ -55,32 +54,18 @@ def draw_target_classes(key: jax.Array, num_targets: int, num_classes: int) -> j
     return jax.random.choice(key, num_classes, (num_targets,), replace=False).astype(jnp.int32)
 
 
-def _map_runs_in_chunks(run_fn: Callable, args: tuple, chunk: int | None):
-    """``jax.vmap(run_fn)(*args)`` over the leading (run) axis, ``chunk`` runs at a time.
-
-    Full chunks go through ``lax.map`` (sequential, so memory scales with ``chunk``, not
-    with the number of runs); a remainder is one more vmapped call.
-    """
-    runs = args[0].shape[0]
-    if chunk is None or chunk >= runs:
-        return jax.vmap(run_fn)(*args)
-    full = runs // chunk * chunk
-    head = lax.map(lambda a: jax.vmap(run_fn)(*a), tuple(a[:full].reshape(-1, chunk, *a.shape[1:]) for a in args))
-    head = jax.tree_util.tree_map(lambda o: o.reshape(full, *o.shape[2:]), head)
-    if full == runs:
-        return head
-    tail = jax.vmap(run_fn)(*(a[full:] for a in args))
-    return jax.tree_util.tree_map(lambda h, t: jnp.concatenate([h, t]), head, tail)
-
-
 def _explain_one(logit_fn, x0, label, targets, *, spatial_range, max_iter, update, step_size, run_chunk, keep_path):
     """LA map of ONE image (HWC); ``targets`` [K-1] already obey the replacement rule."""
     eps, lower, upper = local_box(x0, spatial_range)
     alpha = step_size * eps
     move_classes = jnp.concatenate([targets, label[None]])           # the last run is the untargeted one
     directions = jnp.concatenate([jnp.ones(targets.shape, x0.dtype), -jnp.ones((1,), x0.dtype)])
+    # Every run starts at x0, so the first step of all K runs needs one forward and K cotangents
+    # (grad p_c for each target and grad p_y), not K forwards with 2 cotangents each.
+    _, first_grads = probability_gradients(logit_fn, x0, move_classes, chunk=None if run_chunk is None else 2 * run_chunk)
+    g_label_first = first_grads[-1]
 
-    def run(move_class, direction):
+    def run(move_class, direction, g_move_first):
         classes = jnp.stack([move_class, label])
 
         def step(x, _):
@@ -89,9 +74,12 @@ def _explain_one(logit_fn, x0, label, targets, *, spatial_range, max_iter, updat
             x_next = sign_step(base, g_move, alpha, lower, upper, direction)
             return x_next, -g_label, x_next - base
 
-        return path_sum(step, x0, max_iter, keep_path=keep_path)
+        x1 = sign_step(x0, g_move_first, alpha, lower, upper, direction)      # both updates start from x0
+        total, path = path_sum(step, x1, max_iter - 1, keep_path=keep_path)
+        total = total - g_label_first * (x1 - x0)
+        return total, (jnp.concatenate([x1[None], path]) if keep_path else None)
 
-    per_run, path = _map_runs_in_chunks(run, (move_classes, directions), run_chunk)
+    per_run, path = map_in_chunks(run, (move_classes, directions, first_grads), run_chunk)
     return per_run.sum(axis=0), path
 
 

@@ -13,13 +13,15 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
-from la_iprop.checks import check_finite, check_images
+from la_iprop.checks import check_finite, check_images, check_int_at_least
 from la_iprop.iprop.defaults import IPropConfig
 from la_iprop.iprop.graph import knn_graph
 from la_iprop.iprop.propagate import propagate, reward_from_attribution
 
-__all__ = ["iprop", "iprop_single", "with_iprop", "iprop_name", "parse_iprop_name", "IPROP_SUFFIX"]
+__all__ = ["iprop", "iprop_single", "with_iprop", "iprop_name", "parse_iprop_name", "default_chunk_size",
+           "IPROP_SUFFIX"]
 
 IPROP_SUFFIX = "+iprop"
 
@@ -36,9 +38,19 @@ def iprop_single(image: jax.Array, attribution: jax.Array, config: IPropConfig) 
                      radius=config.radius)
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def _iprop_batch(images, attributions, config):
-    return jax.vmap(lambda x, a: iprop_single(x, a, config))(images, attributions)
+@functools.partial(jax.jit, static_argnames=("config", "chunk_size"))
+def _iprop_batch(images, attributions, config, chunk_size):
+    single = functools.partial(iprop_single, config=config)
+    if chunk_size >= images.shape[0]:
+        return jax.vmap(single)(images, attributions)
+    # Chunks of chunk_size images, vmapped within a chunk; chunk_size = 1 is one image at a time.
+    return lax.map(lambda pair: single(*pair), (images, attributions), batch_size=chunk_size)
+
+
+def default_chunk_size() -> int:
+    """Images propagated together: 1 on CPU, where each image's planes (~5 MB) then stay in cache and
+    each loop stops at its own count (measured 1.5x faster per image than vmapping 8), else 64."""
+    return 1 if jax.default_backend() == "cpu" else 64
 
 
 def _check_attributions(attributions: Any, images: jax.Array) -> jax.Array:
@@ -56,7 +68,8 @@ def _check_attributions(attributions: Any, images: jax.Array) -> jax.Array:
     return attributions.astype(jnp.float32)
 
 
-def iprop(images: Any, attributions: Any, *, return_iterations: bool = False, **hparams: Any):
+def iprop(images: Any, attributions: Any, *, return_iterations: bool = False, chunk_size: int | None = None,
+          **hparams: Any):
     """IProp values ``V [B, H, W]`` of a batch (``return_iterations``: also the per-image counts ``[B]``).
 
     ``images`` NHWC in [0, 1]; ``attributions`` of the same shape (or ``[B, H, W]``).
@@ -64,7 +77,8 @@ def iprop(images: Any, attributions: Any, *, return_iterations: bool = False, **
     ``radius``, ``sigma_s``, ``sigma_c``, ``color_space``, ``gamma``, ``reward``, ``tol``,
     ``max_iter``; or pass ``config=IPropConfig(...)``. Per image: reward
     ``r = reward_rule(attribution)``, graph ``P`` of the image, ``V = r + gamma P V``.
-    The batch is vmapped, so each image's result is independent of the others.
+    The per-image kernel is vmapped over chunks of ``chunk_size`` images (None:
+    :func:`default_chunk_size`), so each image's result is independent of the others.
     """
     config = _config(hparams)
     images = check_images(images)
@@ -75,7 +89,10 @@ def iprop(images: Any, attributions: Any, *, return_iterations: bool = False, **
         if images.shape[1] < min_size or images.shape[2] < min_size:
             raise ValueError(f"images must be at least 2*radius+1 = {min_size} pixels in height and width for "
                              f"radius={config.radius}, got {images.shape[1]}x{images.shape[2]}")
-    values, iterations = _iprop_batch(images, attributions, config)
+    if chunk_size is None:
+        chunk_size = default_chunk_size()
+    check_int_at_least("chunk_size", chunk_size, 1)
+    values, iterations = _iprop_batch(images, attributions, config, min(chunk_size, images.shape[0]))
     return (values, iterations) if return_iterations else values
 
 

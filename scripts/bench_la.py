@@ -1,0 +1,93 @@
+"""Local Attribution: seconds per image, images/s and efficiency against the fused gradient step.
+
+Efficiency = ideal / measured, where ideal is the LA call reduced to its model work:
+``T x sum over run chunks of t_step(B * runs_in_chunk)``, with ``t_step(n)`` the time of one
+fused forward + 2-cotangent VJP (``grad p_c`` and ``grad p_y``) on ``n`` images. So 1.0 means
+the scan, the vmapped runs, the sign steps and the projection cost nothing beyond the
+gradients themselves; for ``run_chunk`` = K this is ``K*T x`` the per-(image, run) step cost.
+"""
+
+from __future__ import annotations
+
+import resource
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from bench_common import peak_memory_bytes, time_call
+
+from la_iprop.attribution.attack import probability_gradients
+from la_iprop.attribution.la import _local_attribution_batch, local_attribution
+from la_iprop.models import load_model
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", default="efficientnet_lite0")
+    parser.add_argument("--batch", type=int, nargs="+", default=None, help="batch sizes (default 1 8; quick: 1)")
+    parser.add_argument("--spatial-range", type=float, default=10.0)
+    parser.add_argument("--max-iter", type=int, default=None, help="T (default 10; quick: 2)")
+    parser.add_argument("--sampling-times", type=int, default=6)
+    parser.add_argument("--run-chunk", type=int, default=None, help="runs evaluated together (default: all K)")
+    parser.add_argument("--update", default="restart", choices=["restart", "pgd"])
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls per setting (default 2; quick: 1)")
+
+
+@jax.jit
+def _fused_step(logit_fn, images, classes):
+    """What one LA step costs in model work: one forward and a 2-cotangent VJP per image."""
+    return jax.vmap(lambda x, c: probability_gradients(logit_fn, x, c)[1])(images, classes)
+
+
+def _step_seconds(model, n: int, size: int, repeats: int) -> float:
+    images = jnp.asarray(np.random.default_rng(1).uniform(size=(n, size, size, 3)), jnp.float32)
+    classes = jnp.tile(jnp.array([[3, 7]], jnp.int32), (n, 1))
+    return time_call(lambda: _fused_step(model, images, classes), repeats=max(repeats, 3))
+
+
+def _compiled_memory(model, images, settings) -> dict:
+    """XLA's planned buffer sizes for the LA program (reported on every backend, CPU included)."""
+    labels = jnp.zeros((images.shape[0],), jnp.int32)
+    targets = jnp.zeros((images.shape[0], settings["sampling_times"] - 1), jnp.int32)
+    try:
+        stats = _local_attribution_batch.lower(
+            model, images, labels, targets, spatial_range=settings["spatial_range"], max_iter=settings["max_iter"],
+            update=settings["update"], step_size=1.0, run_chunk=settings["run_chunk"],
+            keep_path=False).compile().memory_analysis()
+    except Exception:  # noqa: BLE001 - not every backend implements memory_analysis
+        return {}
+    if stats is None:
+        return {}
+    return {"xla_temp_mb": stats.temp_size_in_bytes / 2**20, "xla_argument_mb": stats.argument_size_in_bytes / 2**20}
+
+
+def run(args) -> dict:
+    batches = args.batch or ([1] if args.quick else [1, 8])
+    max_iter = args.max_iter or (2 if args.quick else 10)
+    repeats = args.repeats or (1 if args.quick else 2)
+    k = args.sampling_times
+    chunk = min(args.run_chunk or k, k)
+    model = load_model(args.model)
+    size = model.input_size
+    settings = dict(spatial_range=args.spatial_range, max_iter=max_iter, sampling_times=k, update=args.update,
+                    run_chunk=args.run_chunk)
+    results = {"model": args.model, **settings, "rows": []}
+    key = jax.random.PRNGKey(0)
+    for batch in batches:
+        images = jnp.asarray(np.random.default_rng(0).uniform(size=(batch, size, size, 3)), jnp.float32)
+        seconds = time_call(lambda images=images: local_attribution(model, images, None, key=key, **settings),
+                            repeats=repeats)
+        full, rest = divmod(k, chunk)
+        step_full = _step_seconds(model, batch * chunk, size, repeats)
+        ideal = max_iter * full * step_full
+        if rest:
+            ideal += max_iter * _step_seconds(model, batch * rest, size, repeats)
+        row = {"batch": batch, "seconds": seconds, "seconds_per_image": seconds / batch,
+               "images_per_second": batch / seconds, "fused_step_seconds": step_full,
+               "fused_step_images": batch * chunk, "ideal_seconds": ideal, "efficiency": ideal / seconds,
+               "peak_device_memory_bytes": peak_memory_bytes(), **_compiled_memory(model, images, settings),
+               "process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        print(f"la batch={batch}: {row['seconds_per_image']:.2f} s/image, {row['images_per_second']:.3f} images/s, "
+              f"efficiency {row['efficiency']:.2f} (fused step on {batch * chunk} images: {step_full * 1e3:.0f} ms)",
+              flush=True)
+        results["rows"].append(row)
+    return results
