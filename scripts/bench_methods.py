@@ -10,7 +10,9 @@ once more (on one image) with a classifier whose preprocessing reports, through 
 callback, how many images pass through it. An evaluation is one image through the
 forward pass (and its backward pass when the method differentiates), so the counts
 compare cost across methods: e.g. IG with 50 steps makes 50, DeepLIFT 2 (input and
-reference).
+reference). ``gradient_equivalents_per_image`` divides a method's time by that of one
+batched input gradient of ``p_y`` at the same batch size, timed in the same run: a
+cost figure that depends less on the load of a shared machine.
 """
 
 from __future__ import annotations
@@ -110,6 +112,11 @@ def _predict(model, images):
     return jnp.argmax(model(images), axis=-1).astype(jnp.int32)
 
 
+@jax.jit
+def _gradient(model, images, labels):
+    return jax.vmap(jax.grad(lambda im, y: jax.nn.softmax(model(im[None])[0])[y]))(images, labels)
+
+
 def run(args) -> dict:
     names = args.methods or available_methods()
     overrides = _parse_overrides(args.overrides)
@@ -120,6 +127,10 @@ def run(args) -> dict:
     references = jnp.asarray(pool[args.batch:])
     labels = _predict(model, images)
     key = jax.random.PRNGKey(0)
+    # One batched input gradient: the unit of cost ("gradient-equivalents" below).
+    grad_seconds = time_call(lambda: _gradient(model, images, labels), repeats=3)
+    print(f"methods reference: one gradient of p_y at batch {args.batch}: "
+          f"{1e3 * grad_seconds / args.batch:.1f} ms/image", flush=True)
     rows = []
     for name in names:
         method = get_method(name)
@@ -138,10 +149,13 @@ def run(args) -> dict:
             evaluations = count_evaluations(method.fn, model, images[:1], labels[:1], **kwargs)
         row = {"method": name, "settings": "quick" if args.quick else "defaults", "hparams": hparams,
                "batch": args.batch, "seconds": seconds, "compile_and_first_call_s": first,
-               "images_per_s": args.batch / seconds, "model_evaluations_per_image": evaluations}
+               "images_per_s": args.batch / seconds, "model_evaluations_per_image": evaluations,
+               "gradient_equivalents_per_image": seconds / grad_seconds}
         rows.append(row)
         print(f"methods {name:10s} batch={args.batch}: {row['images_per_s']:8.3f} images/s "
-              f"({seconds / args.batch:7.3f} s/image), model evaluations/image: {evaluations}, "
+              f"({seconds / args.batch:7.3f} s/image, {seconds / grad_seconds:6.1f} gradient-equivalents), "
+              f"model evaluations/image: {evaluations}, "
               f"first call {first:.1f} s, hparams {hparams}", flush=True)
     return {"model": args.model, "data": spec, "backend": environment()["backend"],
-            "cpu_count": os.cpu_count(), "results": rows}
+            "cpu_count": os.cpu_count(), "gradient_ms_per_image": 1e3 * grad_seconds / args.batch,
+            "results": rows}

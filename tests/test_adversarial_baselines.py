@@ -507,16 +507,23 @@ def test_bad_arguments_give_clear_errors(name, kwargs, match):
 
 # --- EfficientNet-Lite0 ----------------------------------------------------------------------------------------
 
-def test_mfaba_on_lite0_integrates_the_probability_drop(lite0):
-    """Lite0, one la1000 image, quick settings: the map sums (left Riemann sum of a path integral) to
-    about p_y(x0) - p_y(x_T), and the walk ends where the image stops being classified as y."""
+def test_mfaba_on_lite0_stops_at_the_boundary_and_sums_its_path(lite0):
+    """Lite0, one la1000 image: the walk is classified as y until it stops at the first misclassified
+    iterate, and the map is -sum_t grad p_y(x_t) * (x_{t+1} - x_t) over the steps taken. (A sign step of
+    0.001 already flips this image, and its first-order drop, about 1.0, is far from the actual 0.38:
+    MFABA's sum is not complete on such a sensitive model, so completeness is not tested here.)"""
     from tests.conftest import la1000_images
     images, _ = la1000_images([0])
-    out, iterates, steps = mfaba(lite0, images, None, max_iter=10, return_iterates=True)
-    probs = jax.nn.softmax(lite0(jnp.concatenate([jnp.asarray(images), iterates[0, -1:]])), -1)
+    t = 10
+    out, iterates, steps = mfaba(lite0, images, None, max_iter=t, return_iterates=True)
+    n = int(steps[0])
+    points = jnp.concatenate([jnp.asarray(images), iterates[0, :n]])     # x_0 .. x_n
+    probs = jax.jit(lambda model, v: jax.nn.softmax(model(v), -1))(lite0, points)
     label = int(jnp.argmax(probs[0]))
-    drop = float(probs[0, label] - probs[1, label])
-    assert drop > 0.05
-    np.testing.assert_allclose(float(jnp.sum(out)), drop, rtol=0.1)
-    if int(steps[0]) < 10:
-        assert int(jnp.argmax(probs[1])) != label
+    preds = np.asarray(jnp.argmax(probs, -1))
+    assert 1 <= n < t and np.all(preds[:n] == label) and preds[n] != label
+    np.testing.assert_array_equal(iterates[0, n:], jnp.broadcast_to(points[-1], iterates[0, n:].shape))
+    grads = jax.jit(jax.vmap(jax.grad(lambda v, model: jax.nn.softmax(model(v[None])[0])[label]), (0, None)))(
+        points[:-1], lite0)
+    expected = -jnp.sum(grads * (points[1:] - points[:-1]), axis=0)
+    np.testing.assert_allclose(out[0], expected, rtol=1e-4, atol=1e-8)

@@ -20,6 +20,12 @@ Global Exploration", ACM MM 2024 (arXiv 2408.07736). Notation: ``p = softmax(log
   integral of ``-grad p_y`` along the walk, as in AGI/MFABA.
 - Result: the plain element-wise sum of ``A`` over the ``K`` runs (no abs, no normalisation).
 
+Cost per image: every run starts at ``x0``, so step 0 of all ``K`` runs is one forward pass
+with ``K`` cotangents; each later step is one forward with two cotangents per run. That is
+``1 + K (T - 1)`` forwards (official: ``K T``) and ``K (2T - 1)`` input-only backward passes
+(official: ``(2K - 1) T``, each also computing weight gradients). The runs are vmapped,
+``run_chunk`` at a time, so the model sees ``B * run_chunk`` images per step.
+
 Unlike the official code (which sums probabilities over the batch), every image is
 explained on its own: the map of an image does not depend on the rest of the batch.
 """
@@ -35,7 +41,7 @@ import numpy as np
 
 from la_iprop.attribution.attack import local_box, map_in_chunks, path_sum, probability_gradients, sign_step
 from la_iprop.attribution.base import prepare_inputs, register_method, split_per_image
-from la_iprop.checks import check_choice, check_int_at_least, check_positive
+from la_iprop.checks import check_choice, check_int_at_least, check_labels, check_positive
 
 __all__ = ["local_attribution", "draw_target_classes", "avoid_label"]
 
@@ -62,7 +68,9 @@ def _explain_one(logit_fn, x0, label, targets, *, spatial_range, max_iter, updat
     directions = jnp.concatenate([jnp.ones(targets.shape, x0.dtype), -jnp.ones((1,), x0.dtype)])
     # Every run starts at x0, so the first step of all K runs needs one forward and K cotangents
     # (grad p_c for each target and grad p_y), not K forwards with 2 cotangents each.
-    _, first_grads = probability_gradients(logit_fn, x0, move_classes, chunk=None if run_chunk is None else 2 * run_chunk)
+    # Its backward pass takes 2 * run_chunk cotangents at a time, the load of a later step.
+    first_chunk = None if run_chunk is None else 2 * run_chunk
+    _, first_grads = probability_gradients(logit_fn, x0, move_classes, chunk=first_chunk)
     g_label_first = first_grads[-1]
 
     def run(move_class, direction, g_move_first):
@@ -161,10 +169,11 @@ def local_attribution(logit_fn: Callable, images: Any, labels: Any = None, *, ke
     logit_fn, images, labels, key = prepare_inputs(logit_fn, images, labels, key=key, need_key=need_key)
     batch = images.shape[0]
     num_classes = _num_classes(logit_fn, images)
-    if num_targets > num_classes:
-        raise ValueError(f"sampling_times - 1 = {num_targets} targets cannot be drawn without replacement "
-                         f"from {num_classes} classes")
+    labels = check_labels(labels, batch, num_classes)  # also for callables without a num_classes attribute
     if target_classes is None:
+        if num_targets > num_classes:
+            raise ValueError(f"sampling_times - 1 = {num_targets} targets cannot be drawn without replacement "
+                             f"from {num_classes} classes")
         if num_targets:
             targets = _draw_for_batch(split_per_image(key, batch), num_targets, num_classes)
         else:

@@ -1,0 +1,124 @@
+"""Classifier throughput: forward and input-gradient images/s for each registered model.
+
+    python scripts/benchmark.py models --batch 8
+    python scripts/benchmark.py models --random-weights          # no checkpoints needed
+
+The input gradient is d logit_y / d images for one class per image (what attribution
+methods compute), differentiated with respect to the images only. Each function is
+jit-compiled once (compile time reported separately) and timed over ``--repeats`` calls;
+wall-clock and process CPU time are both reported (on a shared machine the CPU-time
+figure is the steadier one).
+
+``--random-weights`` initialises every model with Flax's random initialisers instead of
+loading weights: speed does not depend on the weight values, so this measures models
+whose checkpoints are not at hand. It exists for benchmarking only; ``load_model``
+never falls back to random weights. Without it, models whose weights are not found are
+reported as skipped.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+from bench_common import block
+
+from la_iprop.models import available_models, load_model
+from la_iprop.models.zoo import ModelFn, imagenet_normalize
+
+QUICK_MODELS = ["efficientnet_lite0", "resnet50"]
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--models", nargs="+", choices=available_models(), default=None,
+                        help="models to time (default: all registered; --quick: efficientnet_lite0, resnet50)")
+    parser.add_argument("--batch", type=int, default=None, help="images per call (default 8; --quick: 2)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls after the compiling one "
+                                                                   "(default 3; --quick: 1)")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="random Flax initialisation instead of checkpoints (timing only)")
+
+
+def random_model_fn(name: str, key: jax.Array) -> ModelFn:
+    """A registered architecture with random weights, for timing only."""
+    if name == "efficientnet_lite0":
+        from la_iprop.models.efficientnet_lite import EfficientNetLite0, lite_preprocess
+        module, preprocess = EfficientNetLite0(), lite_preprocess
+    elif name == "resnet50":
+        from la_iprop.models.resnet import ResNet50
+        module, preprocess = ResNet50(), imagenet_normalize
+    elif name == "vgg16":
+        from la_iprop.models.vgg import VGG16
+        module, preprocess = VGG16(), imagenet_normalize
+    elif name == "inception_v3":
+        from la_iprop.models.inception import InceptionV3, inception_preprocess
+        module, preprocess = InceptionV3(), inception_preprocess
+    elif name == "maxvit_t":
+        from la_iprop.models.maxvit import MaxVitT
+        module, preprocess = MaxVitT(), imagenet_normalize
+    else:
+        raise ValueError(f"no random initialisation for model {name!r}")
+    variables = jax.jit(module.init)(key, jnp.zeros((1, 224, 224, 3), jnp.float32))
+    return ModelFn(variables=variables, module=module, preprocess=preprocess, name=name)
+
+
+@jax.jit
+def _forward(model_fn, images):
+    return model_fn(images)
+
+
+@jax.jit
+def _input_gradient(model_fn, images, labels):
+    def total(x):
+        return jnp.take_along_axis(model_fn(x), labels[:, None], axis=1).sum()
+    return jax.grad(total)(images)
+
+
+def _time(fn, repeats: int) -> dict:
+    """Compile (first call) then the median wall and mean CPU seconds of ``repeats`` calls."""
+    start = time.perf_counter()
+    block(fn())
+    compile_s = time.perf_counter() - start
+    walls, cpus = [], []
+    for _ in range(repeats):
+        wall, cpu = time.perf_counter(), time.process_time()
+        block(fn())
+        walls.append(time.perf_counter() - wall)
+        cpus.append(time.process_time() - cpu)
+    walls.sort()
+    return {"first_call_s": compile_s, "wall_s": walls[len(walls) // 2], "cpu_s": sum(cpus) / len(cpus)}
+
+
+def run(args) -> dict:
+    quick = getattr(args, "quick", False)
+    models = args.models or (QUICK_MODELS if quick else available_models())
+    batch = args.batch or (2 if quick else 8)
+    repeats = args.repeats or (1 if quick else 3)
+    key = jax.random.PRNGKey(0)
+    results = {"batch": batch, "repeats": repeats, "random_weights": bool(args.random_weights), "models": {}}
+    for name in models:
+        if args.random_weights:
+            model_fn = random_model_fn(name, key)
+        else:
+            try:
+                model_fn = load_model(name)
+            except FileNotFoundError as err:
+                results["models"][name] = {"skipped": str(err)}
+                print(f"{name}: skipped (no weights; --random-weights times it anyway)", flush=True)
+                continue
+        size = model_fn.input_size
+        images = jax.random.uniform(jax.random.fold_in(key, 1), (batch, size, size, 3), jnp.float32)
+        labels = jax.random.randint(jax.random.fold_in(key, 2), (batch,), 0, model_fn.num_classes)
+        forward = _time(lambda: _forward(model_fn, images), repeats)  # noqa: B023 - called immediately
+        gradient = _time(lambda: _input_gradient(model_fn, images, labels), repeats)  # noqa: B023
+        entry = {}
+        for kind, timing in (("forward", forward), ("gradient", gradient)):
+            entry[f"{kind}_images_per_s"] = batch / timing["wall_s"]
+            entry[f"{kind}_images_per_cpu_s"] = batch / timing["cpu_s"]
+            entry[f"{kind}_ms"] = 1e3 * timing["wall_s"]
+            entry[f"{kind}_first_call_s"] = timing["first_call_s"]
+        results["models"][name] = entry
+        print(f"{name}: forward {entry['forward_images_per_s']:.2f} img/s, "
+              f"input gradient {entry['gradient_images_per_s']:.2f} img/s (batch {batch})", flush=True)
+    return results
