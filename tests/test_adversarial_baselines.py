@@ -14,8 +14,15 @@ import pytest
 
 from la_iprop.attribution import available_methods, get_method, method_hparams
 from la_iprop.attribution.agi import agi
-from la_iprop.attribution.attexplore import (attexplore, dct_2d, dct_matrix, diversity_matrix, gaussian_smoothing_matrix,
-                                             idct_2d, spectrum_augment)
+from la_iprop.attribution.attexplore import (
+    attexplore,
+    dct_2d,
+    dct_matrix,
+    diversity_matrix,
+    gaussian_smoothing_matrix,
+    idct_2d,
+    spectrum_augment,
+)
 from la_iprop.attribution.base import split_per_image
 from la_iprop.attribution.big import EPSILONS, big, distinct_walks
 from la_iprop.attribution.mfaba import mfaba
@@ -118,6 +125,27 @@ def test_chunking_does_not_change_results():
     hp = dict(TOY_HPARAMS["big"], candidate_chunk=3, step_chunk=4)
     np.testing.assert_allclose(big(TOY, images, None, **hp), big(TOY, images, None, **TOY_HPARAMS["big"]),
                                rtol=1e-5, atol=1e-7)
+
+
+# --- the shared walk ------------------------------------------------------------------------------------------
+
+def test_walk_path_stops_and_carries_state():
+    from la_iprop.attribution.attack import walk_path
+
+    def step(x, count, t):  # unit moves, unit gradients, a step counter as state; stops once x >= 2
+        return x + 1.0, count + 1, jnp.ones_like(x), jnp.ones_like(x), x[0] >= 2.0
+
+    def run(x):
+        return walk_path(step, x, 6, state=jnp.int32(0), stoppable=True, keep_path=True)
+
+    walk = jax.vmap(run)(jnp.array([[0.0, 0.0], [1.0, 1.0], [-9.0, -9.0]]))  # vmapped: different stop times
+    np.testing.assert_array_equal(walk.num_steps, [2, 1, 6])
+    np.testing.assert_array_equal(walk.state, [2, 1, 6])
+    np.testing.assert_array_equal(walk.total[:, 0], [2.0, 1.0, 6.0])
+    np.testing.assert_array_equal(walk.path[:, :, 0], [[1, 2, 2, 2, 2, 2], [2, 2, 2, 2, 2, 2],
+                                                       [-8, -7, -6, -5, -4, -3]])
+    unstoppable = walk_path(step, jnp.zeros(2), 3, state=jnp.int32(0))
+    assert int(unstoppable.num_steps) == 3 and float(unstoppable.total[0]) == 3.0  # stop ignored
 
 
 # --- AGI -------------------------------------------------------------------------------------------------------
@@ -291,7 +319,7 @@ def test_big_baseline_is_the_closest_misclassified_candidate():
         n_success.append(sum(ok))
         assert bool(success[i]) == any(ok)
         if any(ok):
-            best = min((d, j) for j, (d, s) in enumerate(zip(dist, ok)) if s)[1]
+            best = min((d, j) for j, (d, s) in enumerate(zip(dist, ok, strict=True)) if s)[1]
             np.testing.assert_allclose(baselines[i], cands[best], atol=1e-6)
             assert int(jnp.argmax(TOY(jnp.asarray(baselines[i:i + 1]))[0])) != labels[i]
         # IG from that baseline, trapezoid rule, written out
@@ -299,7 +327,7 @@ def test_big_baseline_is_the_closest_misclassified_candidate():
         alphas = np.linspace(0, 1, hp["steps"])
         weights = np.full(hp["steps"], 1 / (hp["steps"] - 1))
         weights[[0, -1]] /= 2
-        ig = sum(w * _prob_grad(TOY, b + al * (x0 - b), int(labels[i])) for al, w in zip(alphas, weights))
+        ig = sum(w * _prob_grad(TOY, b + al * (x0 - b), int(labels[i])) for al, w in zip(alphas, weights, strict=True))
         np.testing.assert_allclose(out[i], (x0 - b) * ig, rtol=1e-4, atol=1e-8)
     assert max(n_success) >= 2  # a real choice between successful candidates was made
 

@@ -109,7 +109,8 @@ def test_eg_linear_closed_form():
 def test_signed_smoothgrad_with_zero_noise_is_the_gradient(tiny):
     x = _images(2, size=8)
     labels = np.array([1, 3], np.int32)
-    grads = jax.vmap(jax.grad(lambda im, y: class_probability(tiny, im, y)))(jnp.asarray(x), jnp.asarray(labels))
+    grads = jax.jit(jax.vmap(jax.grad(lambda im, y: class_probability(tiny, im, y))))(jnp.asarray(x),
+                                                                                     jnp.asarray(labels))
     np.testing.assert_allclose(sg(tiny, x, labels, key=KEY, samples=3, std=0.0), grads, rtol=1e-5, atol=1e-9)
     np.testing.assert_allclose(sm(tiny, x, labels), np.abs(grads), rtol=1e-5, atol=1e-9)
 

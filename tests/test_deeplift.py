@@ -90,13 +90,14 @@ def test_summation_to_delta_on_relu_cnn():
     model = _model(ReluCNN(), 10, seed=3)
     x = _images(4, 10, seed=4)
     labels = np.array([0, 1, 3, 4], np.int32)
+    logit_grads = jax.jit(jax.vmap(jax.grad(lambda im, y: model(im[None])[0, y])))
     for baseline in (0.0, 0.7):
         attr = np.asarray(deeplift(model, x, labels, baseline=baseline))
         logits = np.asarray(model(jnp.asarray(np.concatenate([x, np.full_like(x[:1], baseline)]))), np.float64)
         delta = logits[np.arange(4), labels] - logits[4, labels]
         np.testing.assert_allclose(attr.sum(axis=(1, 2, 3)), delta, rtol=1e-5, atol=1e-6)
         # the plain gradient x input does NOT sum to the delta on this net: the test can fail
-        grads = jax.vmap(jax.grad(lambda im, y: model(im[None])[0, y]))(jnp.asarray(x), jnp.asarray(labels))
+        grads = logit_grads(jnp.asarray(x), jnp.asarray(labels))
         gxi = np.asarray((x - baseline) * grads).sum(axis=(1, 2, 3))
         assert np.abs(gxi - delta).max() > 1e-3 * np.abs(delta).max()
 

@@ -9,7 +9,7 @@ weights are needed.
 
 Input gradients of ReLU networks are discontinuous: in float32 a pre-activation within
 rounding error of 0 can change sign between frameworks (torch float32 itself differs
-from torch float64 by ~1% of the gradient scale on these random models). So exactness
+from torch float64 by up to ~1.5% in L2 on these random models). So exactness
 is checked in float64 (both frameworks, max difference <= 1e-8 of the scale), and the
 float32 gradient must be about as close to the float64 one as torch's own float32
 gradient is (within 5x, and 5% in L2).
@@ -227,13 +227,12 @@ def _nhwc(array, like_shape):
     raise AssertionError(f"torch output {array.shape} does not match Flax {tuple(like_shape)}")
 
 
-def test_logits_match(pair, inputs, flax_run, torch_run):
+def test_logits_match(flax_run, torch_run):
     ref = torch_run["logits"]
     scale = np.abs(ref).max()
     assert scale > 1e-2
+    # flax_run applies the ModelFn's own preprocessing, module and variables (as ModelFn.__call__ does).
     assert np.abs(flax_run["logits"] - ref).max() <= 1e-3 * scale
-    # The ModelFn itself (preprocessing included) gives the same logits.
-    assert np.abs(np.asarray(pair.model_fn(jnp.asarray(inputs[0]))) - ref).max() <= 1e-3 * scale
 
 
 def test_every_layer_matches(pair, flax_run, torch_run):
@@ -349,9 +348,10 @@ def test_wrong_architecture_is_refused_naming_tensors():
     assert "layer1.0.conv1.weight: checkpoint (64, 64, 3, 3)" in message  # mis-shaped
     with pytest.raises(ConversionError, match=r"features\.0\.weight[\s\S]*unexpected[\s\S]*conv1\.weight"):
         load_model("vgg16", weights=state_dict)
-    with pytest.raises(ConversionError, match=r"Conv2d_1a_3x3\.conv\.weight"):
+    with pytest.raises(ConversionError, match=r"470 missing[\s\S]*Conv2d_1a_3x3\.bn\.running_mean"):
         load_model("inception_v3", weights=state_dict)
-    with pytest.raises(ConversionError, match=r"stem\.0\.0\.weight"):
+    with pytest.raises(ConversionError, match=r"missing[\s\S]*blocks\.0\.layers\.0\.layers\.MBconv\.layers"
+                                              r"\.conv_a\.1\.running_mean"):
         load_model("maxvit_t", weights=state_dict)
 
 
@@ -385,3 +385,41 @@ def test_without_weights_the_zoo_names_the_file_and_finds_the_torch_cache(monkey
     assert zoo.torchvision_checkpoint(FILES["resnet50"]) == str(torch_home / "hub" / "checkpoints" / FILES["resnet50"])
     loaded = load_model("resnet50")
     assert np.array_equal(loaded.variables["params"]["fc"]["kernel"], pair.model_fn.variables["params"]["fc"]["kernel"])
+
+
+def _pool_and_grad(pool, x, weights):
+    return pool(x), jax.grad(lambda u: (pool(u) * weights).sum())(x)
+
+
+@pytest.mark.parametrize("ceil_mode", [False, True])
+def test_pooling_matches_torch(ceil_mode):
+    """max/avg pooling (sizes, padding, ceil mode, divisors) and adaptive pooling vs torch.nn.functional;
+    max-pool derivatives go to the first maximal element of a window, ties included."""
+    import torch.nn.functional as F
+
+    from la_iprop.models.resnet import adaptive_avg_pool2d, avg_pool2d, max_pool2d
+
+    rng = np.random.default_rng(0)
+    for size, kernel, stride, padding in ((8, 3, 2, 1), (9, 3, 2, 0), (8, 2, 2, 0), (7, 3, 1, 1), (13, 5, 3, 2),
+                                          (10, 3, 3, 1)):
+        # Rounded values: many ties inside windows.
+        x = np.round(rng.uniform(0, 3, (2, size, size + 1, 3))).astype(np.float32)
+        xt = torch.from_numpy(x.transpose(0, 3, 1, 2)).requires_grad_()
+        pool = functools.partial(max_pool2d, kernel=kernel, stride=stride, padding=padding, ceil_mode=ceil_mode)
+        ref = F.max_pool2d(xt, kernel, stride, padding, ceil_mode=ceil_mode)
+        weights = rng.standard_normal(ref.shape).astype(np.float32)
+        (ref * torch.from_numpy(weights)).sum().backward()
+        value, grad = jax.jit(_pool_and_grad, static_argnums=0)(pool, jnp.asarray(x),
+                                                               jnp.asarray(weights.transpose(0, 2, 3, 1)))
+        np.testing.assert_array_equal(np.asarray(value), ref.detach().numpy().transpose(0, 2, 3, 1))
+        np.testing.assert_allclose(np.asarray(grad), xt.grad.numpy().transpose(0, 2, 3, 1), atol=1e-6)
+        for include_pad in (True, False):
+            ref = F.avg_pool2d(xt, kernel, stride, padding, ceil_mode=ceil_mode, count_include_pad=include_pad)
+            ours_avg = jax.jit(functools.partial(avg_pool2d, kernel=kernel, stride=stride, padding=padding,
+                                                 ceil_mode=ceil_mode, count_include_pad=include_pad))(x)
+            np.testing.assert_allclose(np.asarray(ours_avg), ref.detach().numpy().transpose(0, 2, 3, 1), atol=1e-6)
+    for size, out in ((7, 7), (13, 7), (5, 7), (10, 3), (9, 1)):
+        x = rng.standard_normal((2, size, size + 2, 3)).astype(np.float32)
+        ref = F.adaptive_avg_pool2d(torch.from_numpy(x.transpose(0, 3, 1, 2)), out).numpy().transpose(0, 2, 3, 1)
+        ours = jax.jit(adaptive_avg_pool2d, static_argnums=1)(x, out)
+        np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-6)

@@ -14,9 +14,9 @@ with): ``b_t = x0``, every step jumps from the input to the corner of the box
 ``[x0 - eps, x0 + eps] ∩ [0, 1]`` chosen by ``sign(g_c(x_t))``, exactly like LA's targeted
 runs with a fixed radius. ``update="path"`` (the paper's steepest-ascent curve, as in the
 TensorFlow port): ``b_t = x_t``, so ``A_c`` is the path integral of ``-grad p_y`` along the
-walk, which can move ``t * eps`` away from ``x0``. The paper writes the step direction as the
-sign of a *normalised* gradient, ``sign(g_c / ||g||)``; the positive norm does not change the
-sign (the official code computes the norm and leaves it unused), so it is the sign step.
+walk, which can move ``t * eps`` away from ``x0``. A normalised-gradient step (the TensorFlow
+port divides the gradient by an L2 norm before the sign; the official code computes the norm
+and leaves it unused) is this same sign step: a positive scale does not change signs.
 Result: ``A = sum_c A_c`` (no division by ``K``, as the official code).
 
 Deviations from the official code, all deliberate: the ``K`` false classes are drawn per

@@ -24,7 +24,9 @@ class: the official step is ``x - a * sign(g)``), from ``x_0 = x0`` with ``g_{-1
 5. ``A = -sum_t g_t * (x_{t+1} - x_t)`` (the official rule, shared with MFABA: displacement
    times the accumulated gradient at the start of each step).
 
-Deviations, all deliberate: randomness comes from ``key`` per image, step and sample (the
+Deviations, all deliberate: ``y`` is the class passed in ``labels`` (the experiments pass the
+clean prediction; the LA repository passes its dataset labels); randomness comes from ``key``
+per image, step and sample (the
 official code draws one resize/pad/coin per batch and per sample); DI always resizes back to
 the input size (the official code does so for MaxViT and in the attack loop of the LA
 repository, so the model always sees its native size); the composition of the two bilinear

@@ -1,6 +1,6 @@
-"""Boundary-based Integrated Gradients (``big``; Wang, Wang, Ramkumar, Fredrikson, Mardziel, Datta,
-"Robust Models Are More Interpretable Because Attributions Look Normal", ICML 2022), in the
-version of the LA repository's ``saliency/core/big.py``.
+"""Boundary-based Integrated Gradients (``big``; Wang et al., "Robust Models Are More Interpretable
+Because Attributions Look Normal", 2021 / ICML 2022), in the version of the LA repository's
+``saliency/core/big.py``.
 
 Notation: ``p = softmax(logit_fn(x))``, ``x0`` the image, ``y`` the explained class (``labels``),
 ``E = (eps_1, ..., eps_M)`` = ``epsilons``, ``S``/``a`` = ``attack_steps``/``attack_step_size``.
@@ -10,9 +10,9 @@ Notation: ``p = softmax(logit_fn(x))``, ``x0`` the image, ``y`` the explained cl
    ``s < S``, from ``x_0 = x0``, with ``L`` the cross-entropy of ``y``. A candidate ``x_S^m``
    succeeds when ``argmax p(x_S^m) != y``.
 2. Baseline ``b``: the successful candidate closest to ``x0`` in L2 (ties: the first in
-   ``epsilons`` order). If none succeeds, ``b`` is the first candidate's end point (as the
-   official code, which then keeps its first attack's point): the map is still IG from the
-   strongest nearby point that the attack found, and ``return_baselines`` reports the failure.
+   ``epsilons`` order). If none succeeds, ``b`` is the first candidate's end point (the
+   official code keeps its first attack's point then): the map is IG from that point, still on
+   the explained class's side, and ``return_baselines`` reports the failure.
 3. ``A = IG_b(x0) = (x0 - b) * sum_k w_k grad p_y(b + a_k (x0 - b))`` with ``steps`` nodes of
    the quadrature ``rule`` (default ``riemann_trapezoid``, 50 steps, as the official code; the
    trapezoid weights sum to 1, see :func:`~la_iprop.attribution.integrated.quadrature`).
@@ -28,8 +28,10 @@ order; we keep the closest one, the rule of the original BIG (the two agree when
 candidates coincide). ``attack_loss="probability_ce"`` (default) is the official loss: its
 model ends in a softmax and ``CrossEntropyLoss`` is applied to those probabilities,
 ``L = -log softmax(p)_y``; ``"ce"`` is the usual ``-log p_y`` (sign-equivalent to descending
-``p_y``). Every image is explained on its own. Model evaluations per image:
-``W * (S + 1) + steps``, with ``W`` the number of distinct walks (1 by default).
+``p_y``). ``y`` is the class passed in ``labels`` (the experiments pass the clean prediction; the
+LA repository passes its dataset labels). Every image is explained on its own. Model
+evaluations per image: ``W * (S + 1) + steps``, with ``W`` the number of distinct walks (1 by
+default).
 """
 
 from __future__ import annotations

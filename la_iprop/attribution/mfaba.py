@@ -13,14 +13,16 @@ forward pass gives ``f`` and ``g_t = grad f_y(x_t)``:
   official normalised step, clipped to [0, 1] only);
 - ``A = -sum_t g_t * (x_{t+1} - x_t)``: the left Riemann sum of the path integral of
   ``-grad f_y`` along the attack (the official ``MFABA`` rule: displacements between
-  consecutive points times the gradient at the start of each; the paper derives it from a
-  second-order expansion whose extra term the code drops; the official loop also takes the
-  gradient at the end point and discards it, which we skip).
+  consecutive points times the gradient at the start of each). The paper motivates the rule
+  with a second-order Taylor analysis of the path; we follow the code, which the LA paper
+  ran (its loop also takes the gradient at the end point and discards it; we skip that).
 
 By the gradient theorem ``sum(A) ~ f_y(x0) - f_y(x_T)``. With the LA paper's settings
 (``eps = 0.3``, ``a = 0.001``, ``T = 50``) the walk moves at most ``T * a = 0.05`` per
-element, so the box never binds. Every image is explained on its own (the official batch
-loop drops finished images from the batch, which gives the same per-image result). Model
+element, so the box never binds. ``y`` is the class passed in ``labels`` (the experiments pass
+the clean prediction; the LA repository passes its dataset labels). Every image is explained
+on its own (the official batch loop drops finished images from the batch, which gives the
+same per-image result). Model
 evaluations per image: at most ``T`` (forward + backward; the vmapped walk ends when every
 image in the batch has stopped).
 """
