@@ -9,12 +9,14 @@ gradients themselves; for ``run_chunk`` = K this is ``K*T x`` the per-(image, ru
 
 from __future__ import annotations
 
+import os
 import resource
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from bench_common import peak_memory_bytes, time_call
+from bench_common import block, peak_memory_bytes
 
 from la_iprop.attribution.attack import probability_gradients
 from la_iprop.attribution.la import _local_attribution_batch, local_attribution
@@ -32,16 +34,37 @@ def add_arguments(parser) -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per setting (default 2; quick: 1)")
 
 
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _measure(fn, repeats: int) -> tuple[float, float]:
+    """Median wall-clock and median process CPU seconds of ``fn()`` after one warm-up call.
+
+    CPU seconds (all threads) are reported too because wall time on a shared CPU
+    depends on what else runs; on an idle machine wall ~ CPU / cores used.
+    """
+    block(fn())
+    walls, cpus = [], []
+    for _ in range(repeats):
+        wall, cpu = time.perf_counter(), _cpu_seconds()
+        block(fn())
+        walls.append(time.perf_counter() - wall)
+        cpus.append(_cpu_seconds() - cpu)
+    return float(np.median(walls)), float(np.median(cpus))
+
+
 @jax.jit
 def _fused_step(logit_fn, images, classes):
     """What one LA step costs in model work: one forward and a 2-cotangent VJP per image."""
     return jax.vmap(lambda x, c: probability_gradients(logit_fn, x, c)[1])(images, classes)
 
 
-def _step_seconds(model, n: int, size: int, repeats: int) -> float:
+def _step_seconds(model, n: int, size: int, repeats: int) -> tuple[float, float]:
     images = jnp.asarray(np.random.default_rng(1).uniform(size=(n, size, size, 3)), jnp.float32)
     classes = jnp.tile(jnp.array([[3, 7]], jnp.int32), (n, 1))
-    return time_call(lambda: _fused_step(model, images, classes), repeats=max(repeats, 3))
+    return _measure(lambda: _fused_step(model, images, classes), max(repeats, 3))
 
 
 def _compiled_memory(model, images, settings) -> dict:
@@ -74,20 +97,24 @@ def run(args) -> dict:
     key = jax.random.PRNGKey(0)
     for batch in batches:
         images = jnp.asarray(np.random.default_rng(0).uniform(size=(batch, size, size, 3)), jnp.float32)
-        seconds = time_call(lambda images=images: local_attribution(model, images, None, key=key, **settings),
-                            repeats=repeats)
+        seconds, cpu = _measure(lambda images=images: local_attribution(model, images, None, key=key, **settings),
+                                repeats)
         full, rest = divmod(k, chunk)
-        step_full = _step_seconds(model, batch * chunk, size, repeats)
-        ideal = max_iter * full * step_full
+        step_full, step_full_cpu = _step_seconds(model, batch * chunk, size, repeats)
+        ideal, ideal_cpu = max_iter * full * step_full, max_iter * full * step_full_cpu
         if rest:
-            ideal += max_iter * _step_seconds(model, batch * rest, size, repeats)
+            step_rest, step_rest_cpu = _step_seconds(model, batch * rest, size, repeats)
+            ideal, ideal_cpu = ideal + max_iter * step_rest, ideal_cpu + max_iter * step_rest_cpu
         row = {"batch": batch, "seconds": seconds, "seconds_per_image": seconds / batch,
-               "images_per_second": batch / seconds, "fused_step_seconds": step_full,
-               "fused_step_images": batch * chunk, "ideal_seconds": ideal, "efficiency": ideal / seconds,
+               "images_per_second": batch / seconds, "cpu_seconds_per_image": cpu / batch,
+               "fused_step_seconds": step_full, "fused_step_images": batch * chunk, "ideal_seconds": ideal,
+               "efficiency": ideal / seconds, "efficiency_cpu": ideal_cpu / cpu,
                "peak_device_memory_bytes": peak_memory_bytes(), **_compiled_memory(model, images, settings),
-               "process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+               "process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+               "load_average_1min": os.getloadavg()[0]}
         print(f"la batch={batch}: {row['seconds_per_image']:.2f} s/image, {row['images_per_second']:.3f} images/s, "
-              f"efficiency {row['efficiency']:.2f} (fused step on {batch * chunk} images: {step_full * 1e3:.0f} ms)",
+              f"{row['cpu_seconds_per_image']:.2f} CPU-s/image, efficiency {row['efficiency']:.2f} "
+              f"(CPU time: {row['efficiency_cpu']:.2f}; fused step on {batch * chunk} images: {step_full * 1e3:.0f} ms)",
               flush=True)
         results["rows"].append(row)
     return results
