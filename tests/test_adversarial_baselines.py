@@ -540,7 +540,7 @@ def test_mfaba_on_lite0_stops_at_the_boundary_and_sums_its_path(lite0):
     iterate, and the map is -sum_t grad p_y(x_t) * (x_{t+1} - x_t) over the steps taken. (A sign step of
     0.001 already flips this image, and its first-order drop, about 1.0, is far from the actual 0.38:
     MFABA's sum is not complete on such a sensitive model, so completeness is not tested here.)"""
-    from tests.conftest import la1000_images
+    from conftest import la1000_images
     images, _ = la1000_images([0])
     t = 10
     out, iterates, steps = mfaba(lite0, images, None, max_iter=t, return_iterates=True)

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from la_iprop.data import class_name, class_names, open_source
-from tests.conftest import LA1000
+from conftest import LA1000
 
 
 def _check_batch(batch, n, size):

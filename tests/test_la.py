@@ -9,7 +9,7 @@ import pytest
 
 from la_iprop.attribution import available_methods, get_method, method_hparams
 from la_iprop.attribution.la import avoid_label, local_attribution
-from tests.conftest import chw_to_hwc, la1000_images
+from conftest import chw_to_hwc, la1000_images
 
 NUM_CLASSES = 10
 SIZE = 6

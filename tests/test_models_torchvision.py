@@ -397,7 +397,7 @@ def test_pooling_matches_torch(ceil_mode):
     max-pool derivatives go to the first maximal element of a window, ties included."""
     import torch.nn.functional as F
 
-    from la_iprop.models.resnet import adaptive_avg_pool2d, avg_pool2d, max_pool2d
+    from la_iprop.models.layers import adaptive_avg_pool2d, avg_pool2d, max_pool2d
 
     rng = np.random.default_rng(0)
     for size, kernel, stride, padding in ((8, 3, 2, 1), (9, 3, 2, 0), (8, 2, 2, 0), (7, 3, 1, 1), (13, 5, 3, 2),

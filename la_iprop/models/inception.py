@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from la_iprop.models.convert import ConversionError
-from la_iprop.models.resnet import avg_pool2d, max_pool2d
+from la_iprop.models.layers import avg_pool2d, max_pool2d
 from la_iprop.models.zoo import IMAGENET_MEAN, IMAGENET_STD, ModelFn, imagenet_normalize, model_fn_from_weights
 
 __all__ = ["Inception3", "InceptionV3", "inception_torch_name", "inception_preprocess", "transform_input",

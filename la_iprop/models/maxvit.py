@@ -30,8 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from la_iprop.models.convert import ConversionError, default_torch_name
-from la_iprop.models.layers import depthwise_conv
-from la_iprop.models.resnet import avg_pool2d
+from la_iprop.models.layers import avg_pool2d, depthwise_conv
 from la_iprop.models.zoo import ModelFn, imagenet_normalize, model_fn_from_weights
 
 __all__ = ["MaxVit", "MaxVitT", "maxvit_torch_name", "relative_position_index", "check_relative_position_index",

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 
 from la_iprop.models.convert import default_torch_name
-from la_iprop.models.resnet import adaptive_avg_pool2d, max_pool2d
+from la_iprop.models.layers import adaptive_avg_pool2d, max_pool2d
 from la_iprop.models.zoo import ModelFn, imagenet_normalize, model_fn_from_weights
 
 __all__ = ["VGG", "VGG16", "VGG16_CONFIG", "vgg_torch_name", "build_vgg16"]
