@@ -30,7 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from la_iprop.attribution import available_methods, get_method, method_hparams
 from la_iprop.data import open_source
-from la_iprop.iprop import IPROP_SUFFIX, with_iprop
+from la_iprop.iprop import IPROP_SUFFIX, iprop, with_iprop
 from la_iprop.metrics import PROTOCOLS, evaluate
 from la_iprop.models import available_models, load_model
 
@@ -224,6 +224,21 @@ def _attribution_fn(config: RunConfig, variant: str, reference_images: np.ndarra
     return lambda model, images, labels, keys: fn(model, images, labels, key=keys, **hparams)
 
 
+def _stored_base_maps(config: RunConfig, out: pathlib.Path, variant: str, batch: int) -> np.ndarray | None:
+    """For ``METHOD+iprop``: the method's maps of this batch if this run already stored them.
+
+    IProp is a post-processing step, so the +IProp variant reuses them instead of running the
+    method a second time (same key, same maps).
+    """
+    if not (variant.endswith(IPROP_SUFFIX) and config.save_attributions):
+        return None
+    path = batch_path(out, variant[: -len(IPROP_SUFFIX)], batch)
+    if not path.exists():
+        return None
+    with np.load(path) as stored:
+        return stored["attribution"] if "attribution" in stored else None
+
+
 def image_keys(seed: int, indices: np.ndarray) -> jax.Array:
     """Per-image keys from the seed and each image's dataset index (batching-independent)."""
     base = jax.random.PRNGKey(seed)
@@ -300,7 +315,13 @@ def run(config: RunConfig, *, progress: bool = True) -> dict:
             keys, _ = sharder.put(image_keys(config.seed, indices), config.batch_size)
             predicted = _predict(model, images)
             started = time.perf_counter()
-            maps = jax.block_until_ready(attribute(model, images, predicted, keys))
+            base_maps = _stored_base_maps(config, out, variant, b)
+            if base_maps is not None:
+                base_maps, _ = sharder.put(jnp.asarray(base_maps), config.batch_size)
+                values = iprop(images, base_maps, **config.iprop_hparams)
+                maps = jax.block_until_ready(jnp.broadcast_to(values[..., None], images.shape))
+            else:
+                maps = jax.block_until_ready(attribute(model, images, predicted, keys))
             seconds = (time.perf_counter() - started) / n
             game = evaluate(model, images, maps, protocol=config.protocol, labels=predicted)
             record = {

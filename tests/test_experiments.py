@@ -158,3 +158,23 @@ def test_sweep_runs_cells_and_combines(tmp_path):
         assert len(list(csv.DictReader(f))) == 1
     with pytest.raises(ConfigError, match="unknown keys"):
         run_sweep({"methods": ["sm"], "bogus": 1}, tmp_path / "b", progress=False)
+
+
+def test_iprop_variant_equals_wrapped_method(tmp_path):
+    """METHOD+iprop reuses METHOD's stored maps; the result must equal running with_iprop(METHOD)."""
+    import jax
+
+    from experiments.runner import image_keys
+    from la_iprop.data import open_source
+    from la_iprop.iprop import with_iprop
+    from la_iprop.models import load_model
+
+    run(RunConfig(methods=("sm",), iprop=True, num_images=2, batch_size=2, seed=3, out=str(tmp_path)),
+        progress=False)
+    stored = np.load(tmp_path / "batches" / "sm+iprop" / "batch_00000.npz")
+    model = load_model("efficientnet_lite0")
+    images = open_source("samples").load([0, 1]).images
+    labels = np.argmax(np.asarray(jax.jit(lambda m, x: m(x))(model, images)), -1)
+    direct = with_iprop("sm")(model, images, labels, key=image_keys(3, np.arange(2)))
+    np.testing.assert_allclose(stored["attribution"], np.asarray(direct), rtol=1e-5, atol=1e-7)
+    assert [r["method"] for r in _rows(tmp_path)] == ["sm", "sm", "sm+iprop", "sm+iprop"]

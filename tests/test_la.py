@@ -6,10 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import chw_to_hwc, la1000_images
 
 from la_iprop.attribution import available_methods, get_method, method_hparams
 from la_iprop.attribution.la import avoid_label, local_attribution
-from conftest import chw_to_hwc, la1000_images
 
 NUM_CLASSES = 10
 SIZE = 6
@@ -298,3 +298,8 @@ def test_bad_inputs_give_clear_errors(kwargs, match):
     images = args.pop("images")
     with pytest.raises((ValueError, TypeError), match=match):
         local_attribution(TOY, images, None, **args)
+
+
+def test_labels_out_of_range_for_a_plain_callable():
+    with pytest.raises(ValueError, match="labels"):
+        local_attribution(TOY, _toy_images(2), np.array([0, NUM_CLASSES]), key=jax.random.PRNGKey(0), max_iter=1)
