@@ -83,7 +83,7 @@ def _rebuild_tensor(storage: _Storage, storage_offset, size, stride, *unused) ->
         raise CheckpointError(f"storage {storage.key!r} is referenced but missing from the file")
     size, stride = tuple(int(s) for s in size), tuple(int(s) for s in stride)
     flat = storage.array
-    needed = storage_offset + sum((n - 1) * s for n, s in zip(size, stride)) + 1 if all(size) else 0
+    needed = storage_offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True)) + 1 if all(size) else 0
     if needed > flat.size:
         raise CheckpointError(
             f"tensor of size {size} at offset {storage_offset} overruns its storage "

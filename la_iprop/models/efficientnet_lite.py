@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from la_iprop.models.convert import default_torch_name
-from la_iprop.models.layers import depthwise_conv, same_padding
+from la_iprop.models.layers import DepthwiseConv, same_padding
 
 __all__ = ["EfficientNetLite", "EfficientNetLite0", "lite_torch_name", "lite_preprocess"]
 
@@ -61,20 +61,6 @@ class SameConv(nn.Module):
         pad = [same_padding(x.shape[i], self.kernel_size, self.stride) for i in (1, 2)]
         return nn.Conv(self.features, (self.kernel_size, self.kernel_size), (self.stride, self.stride),
                        padding=pad, use_bias=False, name="conv")(x)
-
-
-class DepthwiseConv(nn.Module):
-    """Depthwise conv, TF "SAME" padding, no bias; kernel ``[k, k, channels]``."""
-    kernel_size: int
-    stride: int = 1
-    impl: str | None = None
-
-    @nn.compact
-    def __call__(self, x):
-        kernel = self.param("kernel", nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=()),
-                            (self.kernel_size, self.kernel_size, x.shape[-1]))
-        pad = tuple(same_padding(x.shape[i], self.kernel_size, self.stride) for i in (1, 2))
-        return depthwise_conv(x, kernel, self.stride, pad, self.impl)
 
 
 class MBConv(nn.Module):

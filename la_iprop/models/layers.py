@@ -5,12 +5,13 @@ from __future__ import annotations
 import functools
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-__all__ = ["same_padding", "depthwise_conv", "depthwise_impl_for_backend", "max_pool2d", "avg_pool2d",
+__all__ = ["same_padding", "depthwise_conv", "depthwise_impl_for_backend", "DepthwiseConv", "max_pool2d", "avg_pool2d",
            "adaptive_avg_pool2d", "pool_output_size"]
 
 
@@ -71,6 +72,31 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int = 1,
     if impl == "library":
         return _depthwise_library(x, kernel, stride)
     raise ValueError(f"impl must be 'shift_add', 'library' or None, got {impl!r}")
+
+
+class DepthwiseConv(nn.Module):
+    """Depthwise conv without bias; kernel ``[k, k, channels]`` (param ``kernel``).
+
+    ``padding="same"``: TensorFlow "SAME" (EfficientNet ports); ``"symmetric"``: PyTorch's
+    ``(k - 1) // 2`` on every side (torchvision ports).
+    """
+    kernel_size: int
+    stride: int = 1
+    impl: str | None = None
+    padding: str = "same"
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=()),
+                            (self.kernel_size, self.kernel_size, x.shape[-1]))
+        if self.padding == "same":
+            pad = tuple(same_padding(x.shape[i], self.kernel_size, self.stride) for i in (1, 2))
+        elif self.padding == "symmetric":
+            pad = ((self.kernel_size - 1) // 2,) * 2
+            pad = (pad, pad)
+        else:
+            raise ValueError(f"padding must be 'same' or 'symmetric', got {self.padding!r}")
+        return depthwise_conv(x, kernel, self.stride, pad, self.impl)
 
 
 # ----------------------------------------------------------------------------- pooling

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from la_iprop.models.convert import ConversionError, default_torch_name
-from la_iprop.models.layers import avg_pool2d, depthwise_conv
+from la_iprop.models.layers import DepthwiseConv, avg_pool2d
 from la_iprop.models.zoo import ModelFn, imagenet_normalize, model_fn_from_weights
 
 __all__ = ["MaxVit", "MaxVitT", "maxvit_torch_name", "relative_position_index", "check_relative_position_index",
@@ -77,20 +77,6 @@ class ConvNormAct(nn.Module):
         return x if self.activation is None else self.activation(x)
 
 
-class DepthwiseConv(nn.Module):
-    """Depthwise conv without bias, torch symmetric padding; kernel ``[k, k, channels]``."""
-    kernel_size: int
-    stride: int = 1
-    impl: str | None = None
-
-    @nn.compact
-    def __call__(self, x):
-        kernel = self.param("kernel", nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=()),
-                            (self.kernel_size, self.kernel_size, x.shape[-1]))
-        pad = (self.kernel_size - 1) // 2
-        return depthwise_conv(x, kernel, self.stride, ((pad, pad), (pad, pad)), self.impl)
-
-
 class DepthwiseConvNormAct(nn.Module):
     kernel_size: int
     stride: int
@@ -99,7 +85,7 @@ class DepthwiseConvNormAct(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        x = DepthwiseConv(self.kernel_size, self.stride, self.impl, name="conv")(x)
+        x = DepthwiseConv(self.kernel_size, self.stride, self.impl, padding="symmetric", name="conv")(x)
         return self.activation(_bn("bn")(x))
 
 
