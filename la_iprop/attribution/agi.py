@@ -26,8 +26,8 @@ neighbour); ``y`` is the class passed in ``labels`` (the official code always us
 prediction, which is what the experiments pass); every image is explained on its own (the LA
 repository's batched copy sums probabilities over the batch and its early-stop bookkeeping
 depends on the batch; this matches its batch-size-1 behaviour and the original single-image
-code). Model evaluations per image: at most ``K * T`` (forward + backward; fewer when every
-run in a vmapped group reaches its target early).
+code). Model evaluations per image: at most ``K * T``, each one forward and two backward
+passes (fewer when every run in a vmapped group reaches its target early).
 """
 
 from __future__ import annotations
