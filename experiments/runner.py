@@ -333,9 +333,9 @@ def run(config: RunConfig, *, progress: bool = True) -> dict:
             }
             if config.save_attributions:
                 record["attribution"] = np.asarray(maps[:n], np.float32)
-            atomic_write(batch_path(out, variant, b), lambda f: np.savez(f, **record), mode="wb")
+            atomic_write(batch_path(out, variant, b), lambda f, record=record: np.savez(f, **record), mode="wb")
             if not (out / "protocol.json").exists():
-                atomic_write(out / "protocol.json", lambda f: json.dump(dict(game.protocol), f, indent=2))
+                atomic_write(out / "protocol.json", lambda f, game=game: json.dump(dict(game.protocol), f, indent=2))
             running.add(record["insertion"], record["deletion"])
             bar.update(n)
             bar.set_postfix(ins=f"{running.insertion:.4f}", dele=f"{running.deletion:.4f}")

@@ -51,7 +51,7 @@ def cells(spec: dict) -> list[tuple[str, dict]]:
             axes = grid.get(method, {})
             names = sorted(axes)
             for values in itertools.product(*(axes[n] if isinstance(axes[n], list) else [axes[n]] for n in names)):
-                hparams = dict(zip(names, values))
+                hparams = dict(zip(names, values, strict=True))
                 label = "_".join(f"{n}{v}" for n, v in hparams.items())
                 cell = "_".join(filter(None, [model, method, label]))
                 out.append((cell, dict(base, methods=(method,), model=model, hparams={method: hparams} if hparams else {})))

@@ -18,7 +18,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from bench_common import time_call
 
 from la_iprop.iprop import IPropConfig, iprop, knn_graph, propagate, reward_from_attribution

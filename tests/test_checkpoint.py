@@ -88,7 +88,7 @@ def test_refuses_malicious_zip_pickle_without_running_it(tmp_path, payload_kind)
         payload = {"w": torch.ones(1), "evil": _ExecExploit(f"open({str(marker)!r}, 'w').write('x')")}
     path = tmp_path / "evil.pth"
     torch.save(payload, path)  # a zip archive with a forbidden global inside data.pkl
-    with pytest.raises(CheckpointError, match="refusing to load global '(posix|os|nt|builtins|__builtin__)\.(system|exec)'"):
+    with pytest.raises(CheckpointError, match=r"refusing to load global '(posix|os|nt|builtins|__builtin__)\.(system|exec)'"):
         load_state_dict(path)
     assert not marker.exists()
 

@@ -7,10 +7,10 @@ import json
 
 import numpy as np
 import pytest
+from conftest import LA1000
 from PIL import Image
 
 from la_iprop.data import class_name, class_names, open_source
-from conftest import LA1000
 
 
 def _check_batch(batch, n, size):
@@ -54,9 +54,9 @@ def test_folder_with_synset_subfolders_and_odd_modes(tmp_path):
     source = open_source(f"folder:{tmp_path}", size=32)
     batch = source.load(range(len(source)))
     _check_batch(batch, 5, 32)
-    by_id = dict(zip(batch.ids, batch.labels.tolist()))
+    by_id = dict(zip(batch.ids, batch.labels.tolist(), strict=True))
     assert by_id["n01440764/a.png"] == 0 and by_id["n01443537/rgba.png"] == 1
-    images = dict(zip(batch.ids, batch.images))
+    images = dict(zip(batch.ids, batch.images, strict=True))
     # Opaque RGBA equals RGB; a gray image has equal channels; 16-bit keeps its range.
     np.testing.assert_allclose(images["n01443537/rgba.png"], images["n01440764/a.png"], atol=1e-6)
     gray = images["n01440764/gray.png"]
@@ -117,7 +117,7 @@ def test_tfds_array_record_source_without_tensorflow(tmp_path):
     batch = source.load([0, 1, 2])
     _check_batch(batch, 3, 30)
     assert sorted(batch.labels.tolist()) == [100, 101, 102]
-    for image, label in zip(batch.images, batch.labels):
+    for image, label in zip(batch.images, batch.labels, strict=True):
         original = arrays[label - 100].astype(np.float32)[5:35] / 255  # 40x30 -> centre 30x30
         np.testing.assert_allclose(image, original, atol=1e-6)
     with pytest.raises(ValueError, match="cannot open tfds dataset"):

@@ -7,12 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import la1000_images
 
 from la_iprop.models import ConversionError, load_model, load_state_dict
 from la_iprop.models.efficientnet_lite import lite_preprocess
 from la_iprop.models.layers import depthwise_conv
 from la_iprop.models.zoo import EMBEDDED_LITE0_CHECKPOINT
-from conftest import la1000_images
 
 _logits = jax.jit(lambda model, x: model(x))
 

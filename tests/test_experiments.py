@@ -102,7 +102,7 @@ def test_sharded_run_equals_single_device(reference_run, tmp_path):
     assert "4 device(s)" in result.stderr
     sharded, single = _rows(out), _rows(reference_run[0])
     assert [r["image_id"] for r in sharded] == [r["image_id"] for r in single]
-    for a, b in zip(sharded, single):
+    for a, b in zip(sharded, single, strict=True):
         assert a["predicted"] == b["predicted"]
         for column in ("insertion", "deletion"):
             assert float(a[column]) == pytest.approx(float(b[column]), abs=1e-4)

@@ -10,9 +10,20 @@ import numpy as np
 import pytest
 import scipy.sparse
 
-from la_iprop.iprop import (IPropConfig, iprop, iteration_bound, knn_graph, parse_iprop_name, propagate,
-                            reward_from_attribution, rgb_to_lab, to_dense, transition_matvec, window_matvec,
-                            with_iprop)
+from la_iprop.iprop import (
+    IPropConfig,
+    iprop,
+    iteration_bound,
+    knn_graph,
+    parse_iprop_name,
+    propagate,
+    reward_from_attribution,
+    rgb_to_lab,
+    to_dense,
+    transition_matvec,
+    window_matvec,
+    with_iprop,
+)
 from la_iprop.iprop.graph import color_features
 
 

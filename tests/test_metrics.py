@@ -11,8 +11,19 @@ import pytest
 import scipy.ndimage
 from conftest import chw_to_hwc, la1000_images
 
-from la_iprop.metrics import (IMAGENET_MEAN, PROTOCOLS, GameResult, Protocol, auc, evaluate, gaussian_blur,
-                              gaussian_kernel1d, get_protocol, ranks, substrate_mean_color)
+from la_iprop.metrics import (
+    IMAGENET_MEAN,
+    PROTOCOLS,
+    GameResult,
+    Protocol,
+    auc,
+    evaluate,
+    gaussian_blur,
+    gaussian_kernel1d,
+    get_protocol,
+    ranks,
+    substrate_mean_color,
+)
 
 SIZE = 16
 

@@ -37,10 +37,9 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from la_iprop.attribution.attack import map_in_chunks, probability_gradients, sign_step, walk_path
-from la_iprop.attribution.base import prepare_inputs, register_method, split_per_image
+from la_iprop.attribution.base import check_target_classes, prepare_inputs, register_method, split_per_image
 from la_iprop.checks import check_choice, check_int_at_least, check_positive
 
 __all__ = ["agi", "draw_false_classes", "num_classes_of"]
@@ -95,21 +94,6 @@ def _draw_for_batch(image_keys, labels, num, num_classes):
     return jax.vmap(lambda k, y: draw_false_classes(k, num, num_classes, y))(image_keys, labels)
 
 
-def _check_targets(target_classes: Any, batch: int, num_targets: int, num_classes: int) -> jax.Array:
-    targets = np.asarray(target_classes)
-    if not np.issubdtype(targets.dtype, np.integer):
-        raise ValueError(f"target_classes must be integer class indices, got dtype {targets.dtype}")
-    if targets.ndim == 1:
-        targets = np.broadcast_to(targets, (batch, targets.shape[0]))
-    if targets.shape != (batch, num_targets):
-        raise ValueError(f"target_classes must have shape ({num_targets},) or ({batch}, {num_targets}) "
-                         f"(num_targets = {num_targets}), got {np.shape(target_classes)}")
-    if targets.min() < 0 or targets.max() >= num_classes:
-        raise ValueError(f"target_classes must be class indices in [0, {num_classes}), "
-                         f"got range [{targets.min()}, {targets.max()}]")
-    return jnp.asarray(targets, jnp.int32)
-
-
 @register_method("agi", description="Adversarial Gradient Integration (Pan et al., IJCAI 2021): 20 targeted sign "
                  "attacks (eps 0.05, 20 steps), -grad p_y accumulated along each", quick={"num_targets": 4, "max_iter": 5})
 def agi(logit_fn: Callable, images: Any, labels: Any = None, *, key: Any = None, epsilon: float = 0.05,
@@ -151,7 +135,7 @@ def agi(logit_fn: Callable, images: Any, labels: Any = None, *, key: Any = None,
                              f"from the {num_classes - 1} classes other than the label")
         targets = _draw_for_batch(split_per_image(key, batch), labels, num_targets, num_classes)
     else:
-        targets = _check_targets(target_classes, batch, num_targets, num_classes)
+        targets = check_target_classes(target_classes, batch, num_targets, num_classes)
     attributions, steps, iterates = _agi_batch(
         logit_fn, images, labels, targets, epsilon=float(epsilon), max_iter=int(max_iter), update=update,
         run_chunk=None if run_chunk is None else int(run_chunk), keep_path=bool(return_iterates))

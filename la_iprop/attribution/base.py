@@ -17,11 +17,12 @@ from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from la_iprop.checks import check_images, check_labels
 
 __all__ = ["MethodSpec", "register_method", "get_method", "available_methods", "as_pytree_fn",
-           "prepare_inputs", "class_probability", "method_hparams", "split_per_image"]
+           "prepare_inputs", "class_probability", "method_hparams", "split_per_image", "check_target_classes"]
 
 
 def as_pytree_fn(logit_fn: Callable) -> Callable:
@@ -68,6 +69,23 @@ def prepare_inputs(logit_fn: Callable, images: Any, labels: Any, *, key: Any = N
 @jax.jit
 def _predict(logit_fn, images):
     return jnp.argmax(logit_fn(images), axis=-1).astype(jnp.int32)
+
+
+def check_target_classes(target_classes: Any, batch: int, num_targets: int, num_classes: int,
+                         count_name: str = "num_targets") -> jax.Array:
+    """Explicit target classes ``[num_targets]`` (same for every image) or ``[batch, num_targets]``."""
+    targets = np.asarray(target_classes)
+    if not np.issubdtype(targets.dtype, np.integer):
+        raise ValueError(f"target_classes must be integer class indices, got dtype {targets.dtype}")
+    if targets.ndim == 1:
+        targets = np.broadcast_to(targets, (batch, targets.shape[0]))
+    if targets.shape != (batch, num_targets):
+        raise ValueError(f"target_classes must have shape ({num_targets},) or ({batch}, {num_targets}) "
+                         f"({count_name} = {num_targets} targets per image), got {np.shape(target_classes)}")
+    if targets.size and (targets.min() < 0 or targets.max() >= num_classes):
+        raise ValueError(f"target_classes must be class indices in [0, {num_classes}), "
+                         f"got range [{targets.min()}, {targets.max()}]")
+    return jnp.asarray(targets, jnp.int32)
 
 
 def class_probability(logit_fn: Callable, image: jax.Array, label: jax.Array) -> jax.Array:

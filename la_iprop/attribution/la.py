@@ -37,10 +37,9 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from la_iprop.attribution.attack import local_box, map_in_chunks, path_sum, probability_gradients, sign_step
-from la_iprop.attribution.base import prepare_inputs, register_method, split_per_image
+from la_iprop.attribution.base import check_target_classes, prepare_inputs, register_method, split_per_image
 from la_iprop.checks import check_choice, check_int_at_least, check_labels, check_positive
 
 __all__ = ["local_attribution", "draw_target_classes", "avoid_label"]
@@ -109,21 +108,6 @@ def _num_classes(logit_fn: Callable, images: jax.Array) -> int:
     return int(jax.eval_shape(logit_fn, images[:1]).shape[-1])
 
 
-def _check_targets(target_classes: Any, batch: int, num_targets: int, num_classes: int) -> jax.Array:
-    targets = np.asarray(target_classes)
-    if not np.issubdtype(targets.dtype, np.integer):
-        raise ValueError(f"target_classes must be integer class indices, got dtype {targets.dtype}")
-    if targets.ndim == 1:
-        targets = np.broadcast_to(targets, (batch, targets.shape[0]))
-    if targets.shape != (batch, num_targets):
-        raise ValueError(f"target_classes must have shape ({num_targets},) or ({batch}, {num_targets}) "
-                         f"(sampling_times - 1 = {num_targets} targets per image), got {np.shape(target_classes)}")
-    if targets.size and (targets.min() < 0 or targets.max() >= num_classes):
-        raise ValueError(f"target_classes must be class indices in [0, {num_classes}), "
-                         f"got range [{targets.min()}, {targets.max()}]")
-    return jnp.asarray(targets, jnp.int32)
-
-
 @register_method("la", description="Local Attribution (Zhu et al., ACM MM 2024): adversarial exploration in a local box",
                  quick={"max_iter": 10, "sampling_times": 6})
 def local_attribution(logit_fn: Callable, images: Any, labels: Any = None, *, key: Any = None,
@@ -179,7 +163,7 @@ def local_attribution(logit_fn: Callable, images: Any, labels: Any = None, *, ke
         else:
             targets = jnp.zeros((batch, 0), jnp.int32)
     else:
-        targets = _check_targets(target_classes, batch, num_targets, num_classes)
+        targets = check_target_classes(target_classes, batch, num_targets, num_classes, "sampling_times - 1")
     targets = avoid_label(targets, labels[:, None], num_classes)
     if step_size is None:
         step_size = 1.0 if update == "restart" else 2.0 / max_iter

@@ -8,14 +8,38 @@ reward and the output is the value of the Markov Reward Process ``V = r + gamma 
 :func:`with_iprop` wraps any attribution method. Defaults: :mod:`~la_iprop.iprop.defaults`.
 """
 
-from la_iprop.iprop.defaults import (COLOR_SPACES, DEFAULT_COLOR_SPACE, DEFAULT_GAMMA, DEFAULT_K, DEFAULT_MAX_ITER,
-                                     DEFAULT_RADIUS, DEFAULT_REWARD, DEFAULT_SIGMA_C, DEFAULT_SIGMA_S, DEFAULT_TOL,
-                                     REWARD_RULES, IPropConfig)
+from la_iprop.iprop.defaults import (
+                                     COLOR_SPACES,
+                                     DEFAULT_COLOR_SPACE,
+                                     DEFAULT_GAMMA,
+                                     DEFAULT_K,
+                                     DEFAULT_MAX_ITER,
+                                     DEFAULT_RADIUS,
+                                     DEFAULT_REWARD,
+                                     DEFAULT_SIGMA_C,
+                                     DEFAULT_SIGMA_S,
+                                     DEFAULT_TOL,
+                                     REWARD_RULES,
+                                     IPropConfig,
+)
 from la_iprop.iprop.graph import PixelGraph, knn_graph, rgb_to_lab, to_dense
-from la_iprop.iprop.meta import (IPROP_SUFFIX, default_chunk_size, iprop, iprop_name, iprop_single, parse_iprop_name,
-                                 with_iprop)
-from la_iprop.iprop.propagate import (iteration_bound, propagate, propagation_step, reward_from_attribution,
-                                      transition_matvec, window_matvec)
+from la_iprop.iprop.meta import (
+                                     IPROP_SUFFIX,
+                                     default_chunk_size,
+                                     iprop,
+                                     iprop_name,
+                                     iprop_single,
+                                     parse_iprop_name,
+                                     with_iprop,
+)
+from la_iprop.iprop.propagate import (
+                                     iteration_bound,
+                                     propagate,
+                                     propagation_step,
+                                     reward_from_attribution,
+                                     transition_matvec,
+                                     window_matvec,
+)
 
 __all__ = ["COLOR_SPACES", "DEFAULT_COLOR_SPACE", "DEFAULT_GAMMA", "DEFAULT_K", "DEFAULT_MAX_ITER", "DEFAULT_RADIUS",
            "DEFAULT_REWARD", "DEFAULT_SIGMA_C", "DEFAULT_SIGMA_S", "DEFAULT_TOL", "REWARD_RULES", "IPROP_SUFFIX",

@@ -39,8 +39,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from la_iprop.iprop.defaults import (DEFAULT_COLOR_SPACE, DEFAULT_K, DEFAULT_RADIUS, DEFAULT_SIGMA_C,
-                                     DEFAULT_SIGMA_S, check_graph_hparams)
+from la_iprop.iprop.defaults import (
+    DEFAULT_COLOR_SPACE,
+    DEFAULT_K,
+    DEFAULT_RADIUS,
+    DEFAULT_SIGMA_C,
+    DEFAULT_SIGMA_S,
+    check_graph_hparams,
+)
 
 __all__ = ["PixelGraph", "knn_graph", "rgb_to_lab", "color_features", "window_candidates", "to_dense"]
 

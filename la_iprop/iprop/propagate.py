@@ -26,8 +26,14 @@ import numpy as np
 from jax import lax
 
 from la_iprop.checks import check_choice, check_int_at_least
-from la_iprop.iprop.defaults import (DEFAULT_GAMMA, DEFAULT_MAX_ITER, DEFAULT_REWARD, DEFAULT_TOL, REWARD_RULES,
-                                     check_propagation_hparams)
+from la_iprop.iprop.defaults import (
+    DEFAULT_GAMMA,
+    DEFAULT_MAX_ITER,
+    DEFAULT_REWARD,
+    DEFAULT_TOL,
+    REWARD_RULES,
+    check_propagation_hparams,
+)
 from la_iprop.iprop.graph import PixelGraph
 
 __all__ = ["reward_from_attribution", "propagate", "propagation_step", "transition_matvec", "window_matvec",

@@ -35,8 +35,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from la_iprop.attribution.base import as_pytree_fn
-from la_iprop.checks import (check_choice, check_finite, check_images, check_int_at_least, check_labels,
-                             check_like, check_positive)
+from la_iprop.checks import (
+    check_choice,
+    check_finite,
+    check_images,
+    check_int_at_least,
+    check_labels,
+    check_like,
+    check_positive,
+)
 
 __all__ = ["Protocol", "PROTOCOLS", "GameResult", "get_protocol", "evaluate", "auc", "ranks",
            "gaussian_kernel1d", "gaussian_blur", "substrate_mean_color", "IMAGENET_MEAN"]
