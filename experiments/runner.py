@@ -295,6 +295,7 @@ def run(config: RunConfig, *, progress: bool = True) -> dict:
         source = open_source(config.data, size=model.input_size, tfds_data_dir=config.tfds_data_dir)
     reference = source.load(range(min(REFERENCE_SET_SIZE, len(source)))).images
     sharder = _Sharder(config.devices)
+    shape_size = min(config.batch_size, total)  # every batch is padded to this: one compiled shape
     log.info("%d images, %d batches of %d, %d device(s), methods: %s",
              total, len(batches), config.batch_size, sharder.count, ", ".join(variants))
 
@@ -311,13 +312,13 @@ def run(config: RunConfig, *, progress: bool = True) -> dict:
         running = _RunningMean(out, variant)
         for b, indices in todo:
             batch = source.load(indices)
-            images, n = sharder.put(jnp.asarray(batch.images), config.batch_size)
-            keys, _ = sharder.put(image_keys(config.seed, indices), config.batch_size)
+            images, n = sharder.put(jnp.asarray(batch.images), shape_size)
+            keys, _ = sharder.put(image_keys(config.seed, indices), shape_size)
             predicted = _predict(model, images)
             started = time.perf_counter()
             base_maps = _stored_base_maps(config, out, variant, b)
             if base_maps is not None:
-                base_maps, _ = sharder.put(jnp.asarray(base_maps), config.batch_size)
+                base_maps, _ = sharder.put(jnp.asarray(base_maps), shape_size)
                 values = iprop(images, base_maps, **config.iprop_hparams)
                 maps = jax.block_until_ready(jnp.broadcast_to(values[..., None], images.shape))
             else:
