@@ -39,7 +39,13 @@ import jax
 import jax.numpy as jnp
 
 from la_iprop.attribution.attack import map_in_chunks, probability_gradients, sign_step, walk_path
-from la_iprop.attribution.base import check_target_classes, prepare_inputs, register_method, split_per_image
+from la_iprop.attribution.base import (
+    check_target_classes,
+    num_classes_of,
+    prepare_inputs,
+    register_method,
+    split_per_image,
+)
 from la_iprop.checks import check_choice, check_int_at_least, check_positive
 
 __all__ = ["agi", "draw_false_classes", "num_classes_of"]
@@ -54,14 +60,6 @@ def draw_false_classes(key: jax.Array, num: int, num_classes: int, label: jax.Ar
     """
     drawn = jax.random.choice(key, num_classes - 1, (num,), replace=False).astype(jnp.int32)
     return drawn + (drawn >= label).astype(jnp.int32)
-
-
-def num_classes_of(logit_fn: Callable, images: jax.Array) -> int:
-    """The classifier's number of classes (its ``num_classes`` or the width of its logits)."""
-    count = getattr(logit_fn, "num_classes", None)
-    if isinstance(count, int):
-        return count
-    return int(jax.eval_shape(logit_fn, images[:1]).shape[-1])
 
 
 def _explain_one(logit_fn, x0, label, targets, *, epsilon, max_iter, update, run_chunk, keep_path):

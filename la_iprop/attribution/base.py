@@ -22,7 +22,7 @@ import numpy as np
 from la_iprop.checks import check_images, check_labels
 
 __all__ = ["MethodSpec", "register_method", "get_method", "available_methods", "as_pytree_fn",
-           "prepare_inputs", "class_probability", "method_hparams", "split_per_image", "check_target_classes"]
+           "prepare_inputs", "class_probability", "method_hparams", "split_per_image", "check_target_classes", "num_classes_of"]
 
 
 def as_pytree_fn(logit_fn: Callable) -> Callable:
@@ -69,6 +69,14 @@ def prepare_inputs(logit_fn: Callable, images: Any, labels: Any, *, key: Any = N
 @jax.jit
 def _predict(logit_fn, images):
     return jnp.argmax(logit_fn(images), axis=-1).astype(jnp.int32)
+
+
+def num_classes_of(logit_fn: Callable, images: jax.Array) -> int:
+    """The classifier's number of classes (its ``num_classes`` or the width of its logits)."""
+    count = getattr(logit_fn, "num_classes", None)
+    if isinstance(count, int):
+        return count
+    return int(jax.eval_shape(logit_fn, images[:1]).shape[-1])
 
 
 def check_target_classes(target_classes: Any, batch: int, num_targets: int, num_classes: int,

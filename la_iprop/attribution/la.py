@@ -39,7 +39,13 @@ import jax
 import jax.numpy as jnp
 
 from la_iprop.attribution.attack import local_box, map_in_chunks, path_sum, probability_gradients, sign_step
-from la_iprop.attribution.base import check_target_classes, prepare_inputs, register_method, split_per_image
+from la_iprop.attribution.base import (
+    check_target_classes,
+    num_classes_of,
+    prepare_inputs,
+    register_method,
+    split_per_image,
+)
 from la_iprop.checks import check_choice, check_int_at_least, check_labels, check_positive
 
 __all__ = ["local_attribution", "draw_target_classes", "avoid_label"]
@@ -101,13 +107,6 @@ def _draw_for_batch(image_keys, num_targets, num_classes):
     return jax.vmap(lambda k: draw_target_classes(k, num_targets, num_classes))(image_keys)
 
 
-def _num_classes(logit_fn: Callable, images: jax.Array) -> int:
-    count = getattr(logit_fn, "num_classes", None)
-    if isinstance(count, int):
-        return count
-    return int(jax.eval_shape(logit_fn, images[:1]).shape[-1])
-
-
 @register_method("la", description="Local Attribution (Zhu et al., ACM MM 2024): adversarial exploration in a local box",
                  quick={"max_iter": 10, "sampling_times": 6})
 def local_attribution(logit_fn: Callable, images: Any, labels: Any = None, *, key: Any = None,
@@ -152,7 +151,7 @@ def local_attribution(logit_fn: Callable, images: Any, labels: Any = None, *, ke
     need_key = target_classes is None and num_targets > 0
     logit_fn, images, labels, key = prepare_inputs(logit_fn, images, labels, key=key, need_key=need_key)
     batch = images.shape[0]
-    num_classes = _num_classes(logit_fn, images)
+    num_classes = num_classes_of(logit_fn, images)
     labels = check_labels(labels, batch, num_classes)  # also for callables without a num_classes attribute
     if target_classes is None:
         if num_targets > num_classes:
