@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from la_iprop.iprop import REWARD_RULES, IPropConfig, iprop
+from la_iprop.metrics import auc
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_DATA = "la1000:" + str(ROOT.parent / "shared" / "data" / "la1000")
@@ -54,6 +55,7 @@ GRID: dict[str, tuple] = {
     "reward": REWARD_RULES,
 }
 RAW = "raw"  # the method's own map, no IProp
+LA_STEP = 3 * 224  # elements per step of protocol ``la``
 
 
 # ----------------------------------------------------------------------------- settings
@@ -96,7 +98,8 @@ class Split:
 
     @property
     def tag(self) -> str:
-        return f"{self.name}_{int(self.indices[0])}-{int(self.indices[-1]) + 1}"
+        stride = int(self.indices[1] - self.indices[0]) if len(self.indices) > 1 else 1
+        return f"{self.name}_{int(self.indices[0])}-{int(self.indices[-1]) + 1}" + (f"s{stride}" if stride > 1 else "")
 
 
 class Ablation:
@@ -118,10 +121,10 @@ class Ablation:
         self.cache_hits = 0
 
     # -------------------------------------------------------------------- data
-    def split(self, name: str, start: int, stop: int) -> Split:
+    def split(self, name: str, start: int, stop: int, stride: int = 1) -> Split:
         if not 0 <= start < stop <= len(self.source):
             raise ValueError(f"--{name}: need 0 <= start < stop <= {len(self.source)}, got {start}:{stop}")
-        indices = np.arange(start, stop)
+        indices = np.arange(start, stop, stride)
         images = np.asarray(self.source.load(indices).images, np.float32)
         predicted = np.concatenate([np.asarray(_predict(self.model, jnp.asarray(images[i:i + 32])))
                                     for i in range(0, len(images), 32)])
@@ -176,19 +179,26 @@ class Ablation:
         return maps
 
     # -------------------------------------------------------------------- scores
-    def scores(self, method: str, split: Split, config: IPropConfig | None) -> dict[str, Any]:
-        """Per-image insertion/deletion AUCs (protocol ``la``) of method (+ IProp with ``config``)."""
-        from la_iprop.metrics import evaluate
+    def score_path(self, method: str, split: Split, config: IPropConfig | None, step: int) -> pathlib.Path:
+        protocol = "" if step == LA_STEP else f"step{step}"
+        return self.cache / "scores" / split.tag / protocol / self.method_dir(method) / f"{setting_key(config)}.npz"
 
-        path = self.cache / "scores" / split.tag / self.method_dir(method) / f"{setting_key(config)}.npz"
+    def scores(self, method: str, split: Split, config: IPropConfig | None, step: int = 0) -> dict[str, Any]:
+        """Per-image insertion/deletion AUCs (protocol ``la``; ``step``: elements per step, 0: the
+        protocol's own) of method (+ IProp with ``config``)."""
+        from la_iprop.metrics import evaluate, get_protocol
+
+        step = step or LA_STEP
+        path = self.score_path(method, split, config, step)
         if path.exists():
             with np.load(path) as f:
                 if np.array_equal(f["index"], split.indices):
                     self.cache_hits += 1
                     return _summary(f["insertion"], f["deletion"], float(f["iterations"]))
         maps = self.maps(method, split)
+        protocol = get_protocol("la", step=step)
         started = time.perf_counter()
-        ins, dele, iterations = [], [], []
+        ins, dele, iterations, ins_curves, del_curves = [], [], [], [], []
         bs = self.args.batch_size
         for i in range(0, len(split.indices), bs):
             images = jnp.asarray(split.images[i:i + bs])
@@ -197,12 +207,15 @@ class Ablation:
                 values, its = iprop(images, attributions, config=config, return_iterations=True)
                 attributions = jnp.broadcast_to(values[..., None], images.shape)
                 iterations.append(np.asarray(its))
-            game = evaluate(self.model, images, attributions, protocol="la", labels=split.predicted[i:i + bs])
+            game = evaluate(self.model, images, attributions, protocol=protocol, labels=split.predicted[i:i + bs])
             ins.append(game.insertion_aucs)
             dele.append(game.deletion_aucs)
+            ins_curves.append(game.insertion_curves)
+            del_curves.append(game.deletion_curves)
         ins, dele = np.concatenate(ins), np.concatenate(dele)
         mean_its = float(np.concatenate(iterations).mean()) if iterations else 0.0
-        _atomic_savez(path, index=split.indices, insertion=ins, deletion=dele, iterations=mean_its)
+        _atomic_savez(path, index=split.indices, insertion=ins, deletion=dele, iterations=mean_its,
+                      insertion_curves=np.concatenate(ins_curves), deletion_curves=np.concatenate(del_curves))
         self.evaluated += 1
         summary = _summary(ins, dele, mean_its)
         _log(f"{method} {setting_key(config)} [{split.tag}]: ins {summary['insertion']:.4f} "
@@ -210,8 +223,15 @@ class Ablation:
              f"({time.perf_counter() - started:.0f}s)")
         return summary
 
-    def setting_score(self, methods: Iterable[str], split: Split, config: IPropConfig | None) -> dict[str, Any]:
-        per_method = {m: self.scores(m, split, config) for m in methods}
+    def curves(self, method: str, split: Split, config: IPropConfig | None) -> tuple[np.ndarray, np.ndarray]:
+        """The per-image insertion and deletion curves of a scored variant (protocol ``la``)."""
+        self.scores(method, split, config)
+        with np.load(self.score_path(method, split, config, LA_STEP)) as f:
+            return f["insertion_curves"], f["deletion_curves"]
+
+    def setting_score(self, methods: Iterable[str], split: Split, config: IPropConfig | None,
+                      step: int = 0) -> dict[str, Any]:
+        per_method = {m: self.scores(m, split, config, step) for m in methods}
         return {"config": None if config is None else config.as_dict(), "per_method": per_method,
                 "score": float(np.mean([s["ins_minus_del"] for s in per_method.values()]))}
 
@@ -234,14 +254,14 @@ def _log(message: str) -> None:
 
 # ----------------------------------------------------------------------------- search
 def search(ablation: Ablation, methods: list[str], split: Split, grid: dict[str, tuple], mode: str,
-           max_passes: int) -> dict[str, dict]:
+           max_passes: int, step: int = 0) -> dict[str, dict]:
     """Scores settings on the tuning split; returns {tag: score record} of every setting evaluated."""
     results: dict[str, dict] = {}
 
     def score(setting: dict[str, Any]) -> float:
         config = make_config(setting)
         if config.tag() not in results:
-            results[config.tag()] = ablation.setting_score(methods, split, config)
+            results[config.tag()] = ablation.setting_score(methods, split, config, step)
         return results[config.tag()]["score"]
 
     if mode == "full":
@@ -268,6 +288,29 @@ def search(ablation: Ablation, methods: list[str], split: Split, grid: dict[str,
         if not changed:
             break
     return results
+
+
+def coarse_points(num_points: int, every: int) -> np.ndarray:
+    """Indices of a curve of ``num_points`` that the protocol with ``every`` times the step
+    evaluates: every ``every``-th point, and the last (all units changed)."""
+    return np.unique(np.append(np.arange(0, num_points, every), num_points - 1))
+
+
+def add_paired_statistics(ablation: Ablation, split: Split, variants: dict[str, IPropConfig | None],
+                          held: dict[str, dict[str, dict]], coarse: int) -> None:
+    """Adds to each held-out record the standard error of the per-image gain over the raw map
+    (paired: same images) and the ins - del of the same curves sampled at every ``coarse``-th
+    point, i.e. what the tuning protocol would have scored."""
+    for method, rows in held.items():
+        per_image = {}
+        for name, config in variants.items():
+            ins, dele = ablation.curves(method, split, config)
+            per_image[name] = auc(ins) - auc(dele)
+            points = coarse_points(ins.shape[1], coarse)
+            rows[name]["ins_minus_del_tuning_protocol"] = float(np.mean(auc(ins[:, points]) - auc(dele[:, points])))
+        for name in variants:
+            gain = per_image[name] - per_image["raw"]
+            rows[name]["gain_vs_raw_se"] = float(gain.std(ddof=1) / np.sqrt(len(gain))) if len(gain) > 1 else 0.0
 
 
 # ----------------------------------------------------------------------------- report
@@ -297,7 +340,12 @@ def write_report(path: pathlib.Path, *, command: str, args: argparse.Namespace, 
         f"broadcast to the 3 channels. Tuning split: images {args.tune}; held-out split: images {args.heldout}. "
         f"Search `{args.search}` over {json.dumps({k: list(v) for k, v in args.grid.items()})} "
         f"(σ_s, tol, max_iter at the library defaults): {len(results)} settings evaluated. "
-        f"Score of a setting: mean over methods ({', '.join(methods)}) of ins − del on the tuning split.",
+        f"Score of a setting: mean over methods ({', '.join(methods)}) of ins − del on the tuning split"
+        + ("." if args.tune_step == LA_STEP else
+           f", scored with protocol `la` coarsened to {args.tune_step} elements per step (the `la` curve sampled "
+           f"at every {args.tune_step // LA_STEP}th point, {args.tune_step // LA_STEP}× cheaper); the held-out "
+           f"split uses protocol `la` itself, and its last column shows what the coarsened protocol gives on the "
+           f"same curves."),
         "",
         f"Environment: jax {env['jax']} ({env['backend']}, {env['device']}), python {env['python']}; "
         f"{datetime.date.today()}; wall time {elapsed / 60:.1f} min this run "
@@ -318,8 +366,10 @@ def write_report(path: pathlib.Path, *, command: str, args: argparse.Namespace, 
         "",
         "`+ctrl` is the γ = 0 control: the chosen reward rule (channel aggregation) without propagation.",
         "",
-        "| method | variant | insertion ↑ | deletion ↓ | ins − del ↑ | dir ↓ |",
-        "|---|---|---|---|---|---|",
+        "± is the standard error of the per-image gain in ins − del over the raw map (paired: same images).",
+        "",
+        "| method | variant | insertion ↑ | deletion ↓ | ins − del ↑ | gain vs raw | dir ↓ | ins − del, tuning protocol |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     verdicts = []
     for method in methods:
@@ -327,13 +377,19 @@ def write_report(path: pathlib.Path, *, command: str, args: argparse.Namespace, 
         for variant in ("raw", "ctrl", "iprop"):
             r = rows[variant]
             name = {"raw": method, "ctrl": f"{method}+ctrl", "iprop": f"{method}+iprop"}[variant]
+            gain = r["ins_minus_del"] - rows["raw"]["ins_minus_del"]
+            gain_text = "—" if variant == "raw" else f"{gain:+.4f} ± {r['gain_vs_raw_se']:.4f}"
             lines.append(f"| {method} | {name} | {_fmt(r['insertion'])} | {_fmt(r['deletion'])} | "
-                         f"{_fmt(r['ins_minus_del'])} | {_fmt(r['dir'])} |")
+                         f"{_fmt(r['ins_minus_del'])} | {gain_text} | {_fmt(r['dir'])} | "
+                         f"{_fmt(r['ins_minus_del_tuning_protocol'])} |")
         gain = rows["iprop"]["ins_minus_del"] - rows["raw"]["ins_minus_del"]
+        se = rows["iprop"]["gain_vs_raw_se"]
+        significant = abs(gain) > 2 * se
         over_ctrl = rows["iprop"]["ins_minus_del"] - rows["ctrl"]["ins_minus_del"]
         verdicts.append(f"- **{method}**: IProp {'helps' if gain > 0 else 'hurts'} "
-                        f"(ins − del {gain:+.4f} vs the raw map; {over_ctrl:+.4f} vs the γ = 0 control, i.e. "
-                        f"propagation itself {'helps' if over_ctrl > 0 else 'hurts'}).")
+                        f"(ins − del {gain:+.4f} ± {se:.4f} vs the raw map, "
+                        f"{'more' if significant else 'less'} than two standard errors; {over_ctrl:+.4f} vs the "
+                        f"γ = 0 control, i.e. propagation itself {'helps' if over_ctrl > 0 else 'hurts'}).")
     lines += ["", "Verdict on the held-out split:", "", *verdicts, ""]
 
     lines += ["## Tuning split: γ = 0 controls and raw maps", "",
@@ -370,12 +426,15 @@ def write_report(path: pathlib.Path, *, command: str, args: argparse.Namespace, 
 
 
 # ----------------------------------------------------------------------------- main
-def _range(text: str) -> tuple[int, int]:
+def _range(text: str) -> tuple[int, int, int]:
     try:
-        start, stop = (int(v) for v in text.split(":"))
+        values = [int(v) for v in text.split(":")]
+        if len(values) not in (2, 3) or (len(values) == 3 and values[2] < 1):
+            raise ValueError
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected START:STOP (stop exclusive), got {text!r}") from None
-    return start, stop
+        raise argparse.ArgumentTypeError(f"expected START:STOP or START:STOP:STRIDE (stop exclusive, stride >= 1), "
+                                         f"got {text!r}") from None
+    return (*values, 1)[:3]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -383,8 +442,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--methods", default="sm,ig,la", help="registered methods, comma separated")
     p.add_argument("--model", default="efficientnet_lite0")
     p.add_argument("--data", default=DEFAULT_DATA, help="image source spec (la1000:PATH)")
-    p.add_argument("--tune", type=_range, default=(0, 200), help="tuning split START:STOP")
-    p.add_argument("--heldout", type=_range, default=(800, 1000), help="held-out split START:STOP")
+    p.add_argument("--tune", type=_range, default=(0, 200, 1), help="tuning split START:STOP[:STRIDE]")
+    p.add_argument("--heldout", type=_range, default=(800, 1000, 1), help="held-out split START:STOP[:STRIDE]")
     p.add_argument("--settings", choices=("paper", "quick"), default="paper",
                    help="method hyperparameters: the defaults (paper) or the cheap CPU ones (quick)")
     p.add_argument("--search", choices=("full", "coordinate"), default="coordinate",
@@ -392,6 +451,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max_passes", type=int, default=3, help="coordinate search: passes over the axes at most")
     p.add_argument("--grid", type=json.loads, default={},
                    help='JSON replacing some axes of the grid, e.g. \'{"gamma": [0.5, 0.9]}\' (smoke runs)')
+    p.add_argument("--tune_step", type=int, default=LA_STEP,
+                   help="elements per insertion/deletion step on the tuning split: a multiple of protocol la's "
+                        f"{LA_STEP}; k*{LA_STEP} samples the la curve at every k-th point (k times cheaper)")
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", default=str(ROOT / "runs" / "iprop_ablation"))
@@ -403,9 +465,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown:
         p.error(f"--grid: unknown axes {unknown}; axes: {list(GRID)}")
     args.grid = {**GRID, **{k: tuple(v) for k, v in args.grid.items()}}
+    if args.tune_step < 1 or args.tune_step % LA_STEP:
+        p.error(f"--tune_step: expected a positive multiple of {LA_STEP} (protocol la's step), got {args.tune_step}")
     args.tune_range, args.heldout_range = args.tune, args.heldout
-    args.tune, args.heldout = ("{}–{}".format(r[0], r[1] - 1) for r in (args.tune, args.heldout))  # inclusive
+    args.tune, args.heldout = (_range_text(r) for r in (args.tune, args.heldout))
     return args
+
+
+def _range_text(r: tuple[int, int, int]) -> str:
+    start, stop, stride = r
+    count = len(range(start, stop, stride))
+    return f"{start}–{stop - 1}" + (f" every {stride}th ({count} images)" if stride > 1 else f" ({count} images)")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -422,17 +492,19 @@ def main(argv: list[str] | None = None) -> dict:
     tune = ablation.split("tune", *args.tune_range)
     heldout = ablation.split("heldout", *args.heldout_range)
 
-    raw_tune = ablation.setting_score(args.methods, tune, None)
-    controls_tune = {rule: ablation.setting_score(args.methods, tune, IPropConfig(gamma=0.0, reward=rule))
+    step = args.tune_step
+    raw_tune = ablation.setting_score(args.methods, tune, None, step)
+    controls_tune = {rule: ablation.setting_score(args.methods, tune, IPropConfig(gamma=0.0, reward=rule), step)
                      for rule in REWARD_RULES}
-    results = search(ablation, args.methods, tune, args.grid, args.search, args.max_passes)
+    results = search(ablation, args.methods, tune, args.grid, args.search, args.max_passes, step)
     best = max(results.values(), key=lambda r: r["score"])
     chosen = best["config"]
     chosen_config = IPropConfig(**chosen)
     control = IPropConfig(gamma=0.0, reward=chosen["reward"])
 
-    held = {m: {"raw": ablation.scores(m, heldout, None), "ctrl": ablation.scores(m, heldout, control),
-                "iprop": ablation.scores(m, heldout, chosen_config)} for m in args.methods}
+    variants = {"raw": None, "ctrl": control, "iprop": chosen_config}
+    held = {m: {name: ablation.scores(m, heldout, config) for name, config in variants.items()} for m in args.methods}
+    add_paired_statistics(ablation, heldout, variants, held, coarse=step // LA_STEP)
 
     from la_iprop.metrics import get_protocol
     device = jax.devices()[0]

@@ -85,7 +85,7 @@ def write_reports(config, out: pathlib.Path, variants: list[str], expected_image
     protocol = json.loads((out / "protocol.json").read_text()) if (out / "protocol.json").exists() else None
     device = jax.devices()[0]
     summary = {
-        "flags": dataclasses.asdict(config), "protocol": protocol, "versions": _versions(),
+        "flags": dataclasses.asdict(config), "resolved": config.resolved(), "protocol": protocol, "versions": _versions(),
         "device": {"backend": jax.default_backend(), "kind": getattr(device, "device_kind", str(device)),
                    "local_devices": jax.local_device_count(), "processes": jax.process_count()},
         "results": summary_rows,

@@ -83,6 +83,8 @@ def _section(name: str, summary: dict, command: str) -> str:
              f"seed {flags_['seed']}, protocol `{flags_['protocol']}`",
              f"- hyperparameter overrides: `{json.dumps(flags_['hparams'])}`; IProp overrides: "
              f"`{json.dumps(flags_['iprop_hparams'])}`",
+             *([f"- IProp settings in effect: `{json.dumps(summary['resolved']['iprop'])}`"]
+               if "iprop" in summary.get("resolved", {}) else []),
              f"- command: `{command}`", ""]
     ordered = dict(sorted(rows.items(), key=lambda kv: (kv[0].split("+")[0], "+" in kv[0])))
     lines.append(markdown_table(ordered))

@@ -30,7 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from la_iprop.attribution import available_methods, get_method, method_hparams
 from la_iprop.data import open_source
-from la_iprop.iprop import IPROP_SUFFIX, iprop, with_iprop
+from la_iprop.iprop import IPROP_SUFFIX, IPropConfig, iprop, with_iprop
 from la_iprop.metrics import PROTOCOLS, evaluate
 from la_iprop.models import available_models, load_model
 
@@ -73,7 +73,17 @@ class RunConfig:
         """The fields that determine the results (a resumed run must match them)."""
         keep = ("methods", "model", "weights", "data", "num_images", "start", "batch_size", "seed", "protocol",
                 "iprop", "settings", "hparams", "iprop_hparams", "save_attributions")
-        return json.loads(json.dumps({k: getattr(self, k) for k in keep}, default=str))
+        return json.loads(json.dumps({**{k: getattr(self, k) for k in keep}, "resolved": self.resolved()},
+                                     default=str))
+
+    def resolved(self) -> dict:
+        """Every hyperparameter in effect (library defaults, quick settings, overrides): results
+        stored under an older library default must not be resumed into a run under a new one."""
+        resolved = {"methods": {m: {k: v for k, v in {**method_hparams(m), **_resolve_hparams(self, m)}.items()
+                                    if k != "reference_images"} for m in self.methods}}
+        if self.iprop:
+            resolved["iprop"] = IPropConfig(**self.iprop_hparams).as_dict()
+        return json.loads(json.dumps(resolved, default=str))
 
 
 # ----------------------------------------------------------------------------- validation
@@ -152,7 +162,6 @@ def validate(config: RunConfig):
     if config.start >= len(source):
         raise ConfigError(f"--start: {config.start} is past the end of {config.data} ({len(source)} images)")
     if config.iprop_hparams:
-        from la_iprop.iprop import IPropConfig
         try:
             IPropConfig(**config.iprop_hparams)
         except (TypeError, ValueError) as err:

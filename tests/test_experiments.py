@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from experiments.report import CSV_COLUMNS, TIMING_COLUMNS
-from experiments.runner import ConfigError, RunConfig, parse_hparams, run, validate
+from experiments.runner import ConfigError, RunConfig, _check_identity, parse_hparams, run, validate
+from la_iprop.iprop import IPropConfig
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Cheap but real: SM on 4 bundled sample photos with the embedded Lite0, protocol 'la'.
@@ -137,6 +138,22 @@ def test_changed_settings_in_same_out_are_refused(reference_run):
     out, _ = reference_run
     with pytest.raises(ConfigError, match="different settings .*seed"):
         run(RunConfig(methods=("sm",), num_images=4, seed=4, batch_size=2, out=str(out)), progress=False)
+
+
+def test_changed_library_default_is_not_resumed(tmp_path):
+    """The identity holds the hyperparameters in effect, not just the overrides: a run stored under
+    an older library default (here IProp's gamma) is refused instead of being mixed with new results."""
+    config = RunConfig(methods=("la",), iprop=True, out=str(tmp_path))
+    resolved = config.identity()["resolved"]
+    assert resolved["methods"]["la"]["max_iter"] == 10  # the quick setting over the default 30
+    assert resolved["iprop"]["gamma"] == IPropConfig().gamma
+    _check_identity(tmp_path, config)  # writes run.json
+    _check_identity(tmp_path, config)  # same settings: accepted
+    stored = json.loads((tmp_path / "run.json").read_text())
+    stored["resolved"]["iprop"]["gamma"] = 0.5
+    (tmp_path / "run.json").write_text(json.dumps(stored))
+    with pytest.raises(ConfigError, match="different settings \\(resolved\\)"):
+        _check_identity(tmp_path, config)
 
 
 def test_parse_hparams():
