@@ -83,8 +83,12 @@ def test_constant_reward_gives_geometric_sum(k, radius, gamma, rtol):
     tol = 1e-3 if gamma > 0.95 else 1e-4
     _, iterations = propagate(graph, reward, gamma=gamma, tol=tol, max_iter=5000)
     bound = iteration_bound(gamma, tol)
-    margin = math.ceil(math.log1p(8 * np.finfo(np.float32).eps / ((1 - gamma) * tol)) / -math.log(gamma))
-    assert bound - 1 <= int(iterations) <= bound + 1 + margin
+    assert bound - 1 <= int(iterations) <= bound + 1 + _float32_margin(gamma, tol)
+
+
+def _float32_margin(gamma: float, tol: float) -> int:
+    """Iterations by which float32 rounding can delay the stop (see the test above)."""
+    return math.ceil(math.log1p(8 * np.finfo(np.float32).eps / ((1 - gamma) * tol)) / -math.log(gamma))
 
 
 @pytest.mark.parametrize("gamma", [0.5, 0.8, 0.9, 0.95])
@@ -270,16 +274,18 @@ def test_full_size_and_non_square_fixed_point(shape):
     image = _random_image(shape, seed=10)[None]
     attribution = np.random.default_rng(11).standard_normal((1, h, w, 3)).astype(np.float32)
     cfg = IPropConfig()
-    values, iterations = iprop(image, attribution, return_iterations=True, tol=1e-6)
+    tol = 1e-5
+    bound = iteration_bound(cfg.gamma, tol) + 1 + _float32_margin(cfg.gamma, tol)
+    values, iterations = iprop(image, attribution, return_iterations=True, tol=tol, max_iter=bound + 1)
     assert values.shape == (1, h, w) and bool(jnp.all(jnp.isfinite(values)))
-    assert 1 < int(iterations[0]) <= iteration_bound(cfg.gamma, 1e-6) + 1
+    assert 1 < int(iterations[0]) <= bound
     # Residual of V = r + gamma P V with an independent (scipy CSR) mat-vec.
     graph = knn_graph(image[0], k=cfg.k, radius=cfg.radius, sigma_s=cfg.sigma_s, sigma_c=cfg.sigma_c,
                       color_space=cfg.color_space)
     p = scipy.sparse.csr_matrix((np.asarray(graph.transition, np.float64),
                                  (np.asarray(graph.senders), np.asarray(graph.receivers))), shape=(h * w, h * w))
     v = np.asarray(values[0], np.float64).reshape(-1)
-    r = attribution[0].sum(-1).reshape(-1)
+    r = np.asarray(reward_from_attribution(attribution[0], cfg.reward), np.float64).reshape(-1)
     residual = np.max(np.abs(v - r - cfg.gamma * (p @ v)))
     assert residual <= 1e-4 * np.max(np.abs(r))
 

@@ -1,10 +1,12 @@
 """IProp hyperparameters: the one place where their defaults live.
 
-The paper leaves these open. The values below come from a partial coordinate search on the
-tuning split (la1000 images 0-99, sm/ig/la, EfficientNet-Lite0, protocol ``la``, run on an H100;
-logs in ``results/iprop_tuning_h100_part*.log``): K=16 scored best of {4, 8, 16} and gamma=0.9
-best of {0.5, 0.8, 0.9}; the other axes were not reached before the GPU budget ran out and keep
-their provisional values. ``experiments/iprop_ablation.py`` re-runs the full search.
+The paper leaves these open. The values below are the best mean insertion - deletion of sm, ig
+and la (EfficientNet-Lite0) on the tuning split of la1000 (images 0-199, every 4th), found by a
+coordinate search over K, R, gamma, sigma_c, colour space and reward rule; the report, with the
+held-out check on images 800-999 and the command that regenerates it, is
+``results/iprop_ablation.md``. gamma = 0.99 is the edge of the searched grid, and the leading
+settings differ by less than 0.001 in the score: the choice of the colour space and of the
+neighbourhood is not decisive, that of gamma and of the reward rule is.
 """
 
 from __future__ import annotations
@@ -23,13 +25,13 @@ __all__ = ["COLOR_SPACES", "REWARD_RULES", "DEFAULT_K", "DEFAULT_RADIUS", "DEFAU
 COLOR_SPACES = ("rgb", "lab")
 REWARD_RULES = ("sum", "abs_sum", "positive_sum")
 
-DEFAULT_K = 16              # neighbours kept per pixel (best of {4, 8, 16} on the tuning split, see results/)
+DEFAULT_K = 16              # neighbours kept per pixel
 DEFAULT_RADIUS = 2          # candidate window (2R+1)^2
 DEFAULT_SIGMA_S = 1.0       # spatial bandwidth, pixels
 DEFAULT_SIGMA_C = 0.1       # colour bandwidth, in the colour space's units (RGB in [0,1]; CIELab / 100)
-DEFAULT_COLOR_SPACE = "lab"
-DEFAULT_GAMMA = 0.9         # discount of the Markov Reward Process
-DEFAULT_REWARD = "sum"      # channel aggregation of the attribution into a per-pixel reward
+DEFAULT_COLOR_SPACE = "rgb"
+DEFAULT_GAMMA = 0.99        # discount of the Markov Reward Process
+DEFAULT_REWARD = "positive_sum"  # channel aggregation of the attribution into a per-pixel reward
 DEFAULT_TOL = 1e-4          # stop when max|V_new - V| <= tol * max|r|
 DEFAULT_MAX_ITER = 1000
 
