@@ -31,7 +31,8 @@ flags.DEFINE_string("protocol", "la", "Insertion/deletion protocol: la | rise.")
 flags.DEFINE_enum("settings", "quick", ["quick", "paper"],
                   "quick: cheap settings that finish in minutes on a CPU; paper: each method's paper defaults.")
 flags.DEFINE_string("hparams", "", "Overrides, e.g. 'la.max_iter=30,la.sampling_times=20'.")
-flags.DEFINE_bool("iprop", False, "Also run every method followed by IProp (reported as METHOD+iprop).")
+flags.DEFINE_bool("iprop", False, "Also run every method followed by IProp (reported as METHOD+iprop) and by "
+                  "its gamma = 0 control (METHOD+ctrl: the same reward rule, no propagation).")
 flags.DEFINE_string("iprop_hparams", "", "IProp overrides, e.g. 'gamma=0.9,k=8'.")
 flags.DEFINE_string("out", None, "Output directory (default: runs/<derived from the flags>).")
 flags.DEFINE_integer("devices", None, "Local devices to shard batches over (default: all).")

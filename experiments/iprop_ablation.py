@@ -475,7 +475,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def _range_text(r: tuple[int, int, int]) -> str:
     start, stop, stride = r
     count = len(range(start, stop, stride))
-    return f"{start}–{stop - 1}" + (f" every {stride}th ({count} images)" if stride > 1 else f" ({count} images)")
+    return f"{start}–{stop - 1}" + (f" in steps of {stride} ({count} images)" if stride > 1 else f" ({count} images)")
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -92,7 +92,8 @@ def write_reports(config, out: pathlib.Path, variants: list[str], expected_image
         "notes": {"insertion/deletion": "AUC of the mean curve over images (equals the mean per-image AUC)",
                   "dir": "deletion / insertion (lower is better)",
                   "seconds": "attribution wall-clock time of the image's batch / batch size; the first batch "
-                             "of each method includes compilation; METHOD+iprop reuses METHOD's stored maps, so "
+                             "of each method includes compilation; METHOD+iprop and METHOD+ctrl (IProp's gamma = 0 control) "
+                             "reuse METHOD's stored maps, so "
                              "its seconds are IProp's alone"},
     }
     atomic_write(out / "summary.json", lambda f: json.dump(summary, f, indent=2, default=str))

@@ -51,6 +51,9 @@ CLAIMS = [
                       if m in rows)),
     ("IProp improves insertion − deletion for most methods (IProp paper)",
      lambda rows: _iprop_wins(rows) > 0.5),
+    ("IProp's propagation itself (vs its γ = 0 control, the same per-pixel reward without propagation) "
+     "improves insertion − deletion for most methods",
+     lambda rows: _iprop_wins(rows, "+ctrl") > 0.5),
 ]
 
 
@@ -63,11 +66,17 @@ def _best(rows: dict, column: str, pick) -> str:
     return pick(plain, key=lambda k: plain[k][column])
 
 
-def _iprop_wins(rows: dict) -> float:
-    pairs = [(m, m + "+iprop") for m in _plain(rows) if m + "+iprop" in rows]
-    if not pairs:
-        return float("nan")
-    return sum(rows[b]["ins_minus_del"] > rows[a]["ins_minus_del"] for a, b in pairs) / len(pairs)
+def _iprop_gains(rows: dict, baseline: str = "") -> dict[str, bool]:
+    """{method: does METHOD+iprop beat METHOD+baseline on ins − del} ('' : the raw map)."""
+    return {m: rows[m + "+iprop"]["ins_minus_del"] > rows[m + baseline]["ins_minus_del"]
+            for m in _plain(rows) if m + "+iprop" in rows and m + baseline in rows}
+
+
+def _iprop_wins(rows: dict, baseline: str = "") -> float:
+    gains = _iprop_gains(rows, baseline)
+    if not gains:
+        raise ValueError("no IProp variants in this run")
+    return sum(gains.values()) / len(gains)
 
 
 def _section(name: str, summary: dict, command: str) -> str:
@@ -86,7 +95,9 @@ def _section(name: str, summary: dict, command: str) -> str:
              *([f"- IProp settings in effect: `{json.dumps(summary['resolved']['iprop'])}`"]
                if "iprop" in summary.get("resolved", {}) else []),
              f"- command: `{command}`", ""]
-    ordered = dict(sorted(rows.items(), key=lambda kv: (kv[0].split("+")[0], "+" in kv[0])))
+    variant_order = {"": 0, "ctrl": 1, "iprop": 2}
+    ordered = dict(sorted(rows.items(), key=lambda kv: (kv[0].split("+")[0],
+                                                        variant_order.get(kv[0].partition("+")[2], 3))))
     lines.append(markdown_table(ordered))
     lines += ["", "Paper claims checked on this run:", ""]
     for claim, check in CLAIMS:
@@ -95,12 +106,12 @@ def _section(name: str, summary: dict, command: str) -> str:
         except (KeyError, ValueError):
             verdict = "not checkable (methods missing)"
         lines.append(f"- {claim}: {verdict}.")
-    if any("+" in k for k in rows):
-        wins = [m for m in _plain(rows) if m + "+iprop" in rows and
-                rows[m + "+iprop"]["ins_minus_del"] > rows[m]["ins_minus_del"]]
-        losses = [m for m in _plain(rows) if m + "+iprop" in rows and m not in wins]
-        lines.append(f"- IProp raises ins − del for: {', '.join(wins) or 'none'}; lowers it for: "
-                     f"{', '.join(losses) or 'none'}.")
+    for baseline, versus in (("", "the raw map"), ("+ctrl", "the γ = 0 control")):
+        gains = _iprop_gains(rows, baseline)
+        if gains:
+            wins = ", ".join(m for m, won in gains.items() if won) or "none"
+            losses = ", ".join(m for m, won in gains.items() if not won) or "none"
+            lines.append(f"- Against {versus}, IProp raises ins − del for: {wins}; lowers it for: {losses}.")
     best_ins = _best(rows, "insertion", max)
     best_del = _best(rows, "deletion", min)
     lines.append(f"- best insertion: `{best_ins}` ({rows[best_ins]['insertion']:.4f}); best deletion: `{best_del}` "
@@ -126,7 +137,10 @@ def write_report(results_dir: pathlib.Path) -> pathlib.Path:
         "number below is read from those runs. Insertion/deletion use the `la` protocol (the official "
         "LA/MFABA evaluation: softmax probability of the clean-image prediction, all H·W·3 elements ranked, "
         "3·224 elements per step, black substrate, AUC of the mean curve). `METHOD+iprop` is the method's "
-        "map post-processed by IProp at the library defaults (`la_iprop/iprop/defaults.py`).",
+        "map post-processed by IProp (settings in each run's section; the library defaults are in "
+        "`la_iprop/iprop/defaults.py`), and `METHOD+ctrl` its γ = 0 control: the same per-pixel reward "
+        "without propagation, which separates the gain of propagation from that of aggregating channels "
+        "(runs made before the control was added lack those rows).",
         "",
         "The LA paper reports its comparison on torchvision Inception-v3, ResNet-50, VGG16 and MaxViT-T with "
         "their V1 ImageNet weights; those checkpoints cannot be downloaded here, so these runs use the embedded "

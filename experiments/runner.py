@@ -38,6 +38,9 @@ __all__ = ["RunConfig", "ConfigError", "validate", "run", "method_variants", "at
            "parse_hparams", "batch_path", "load_records"]
 
 log = logging.getLogger("la_iprop")
+# The gamma = 0 control of an IProp comparison: the same reward rule (channel aggregation), no
+# propagation; it separates the gain of propagation from that of turning the map per-pixel.
+CONTROL_SUFFIX = "+ctrl"
 
 SETTINGS = ("quick", "paper")
 # Reference images handed to methods that need a reference set (Expected Gradients):
@@ -61,7 +64,7 @@ class RunConfig:
     batch_size: int = 8
     seed: int = 0
     protocol: str = "la"
-    iprop: bool = False                  # also run every method + IProp
+    iprop: bool = False                  # also run every method + IProp, and its gamma = 0 control
     settings: str = "quick"              # "quick": cheap CPU settings; "paper": the methods' defaults
     hparams: dict = dataclasses.field(default_factory=dict)        # {method: {name: value}}
     iprop_hparams: dict = dataclasses.field(default_factory=dict)  # {name: value}
@@ -83,6 +86,7 @@ class RunConfig:
                                     if k != "reference_images"} for m in self.methods}}
         if self.iprop:
             resolved["iprop"] = IPropConfig(**self.iprop_hparams).as_dict()
+            resolved["iprop_control"] = IPropConfig(**_control_hparams(self)).as_dict()
         return json.loads(json.dumps(resolved, default=str))
 
 
@@ -116,11 +120,25 @@ def parse_hparams(text: str, methods: tuple[str, ...]) -> dict:
 
 
 def method_variants(config: RunConfig) -> list[str]:
-    """Names of the attribution variants run: each method, and ``method+iprop`` with --iprop."""
+    """Names of the attribution variants run: each method; with --iprop also ``method+ctrl`` and
+    ``method+iprop`` (after the methods: they post-process the methods' stored maps)."""
     names = list(config.methods)
     if config.iprop:
-        names += [m + IPROP_SUFFIX for m in config.methods]
+        names += [m + CONTROL_SUFFIX for m in config.methods] + [m + IPROP_SUFFIX for m in config.methods]
     return names
+
+
+def _control_hparams(config: RunConfig) -> dict:
+    return {**config.iprop_hparams, "gamma": 0.0}
+
+
+def split_variant(config: RunConfig, variant: str) -> tuple[str, dict | None]:
+    """``(method, IProp hyperparameters)`` of a variant; None for the method's own map."""
+    if variant.endswith(IPROP_SUFFIX):
+        return variant[: -len(IPROP_SUFFIX)], dict(config.iprop_hparams)
+    if variant.endswith(CONTROL_SUFFIX):
+        return variant[: -len(CONTROL_SUFFIX)], _control_hparams(config)
+    return variant, None
 
 
 def validate(config: RunConfig):
@@ -222,26 +240,28 @@ def _resolve_hparams(config: RunConfig, method: str) -> dict:
 
 
 def _attribution_fn(config: RunConfig, variant: str, reference_images: np.ndarray) -> Callable:
-    method = variant[: -len(IPROP_SUFFIX)] if variant.endswith(IPROP_SUFFIX) else variant
+    method, iprop_hparams = split_variant(config, variant)
     spec = get_method(method)
     hparams = _resolve_hparams(config, method)
     if spec.needs_reference_set:
         hparams["reference_images"] = reference_images
     fn = spec.fn
-    if variant.endswith(IPROP_SUFFIX):
-        fn = with_iprop(fn, **config.iprop_hparams)
+    if iprop_hparams is not None:
+        fn = with_iprop(fn, **iprop_hparams)
     return lambda model, images, labels, keys: fn(model, images, labels, key=keys, **hparams)
 
 
 def _stored_base_maps(config: RunConfig, out: pathlib.Path, variant: str, batch: int) -> np.ndarray | None:
-    """For ``METHOD+iprop``: the method's maps of this batch if this run already stored them.
+    """For ``METHOD+iprop`` and ``METHOD+ctrl``: the method's maps of this batch if this run already
+    stored them.
 
-    IProp is a post-processing step, so the +IProp variant reuses them instead of running the
+    IProp is a post-processing step, so these variants reuse them instead of running the
     method a second time (same key, same maps).
     """
-    if not (variant.endswith(IPROP_SUFFIX) and config.save_attributions):
+    method, iprop_hparams = split_variant(config, variant)
+    if iprop_hparams is None or not config.save_attributions:
         return None
-    path = batch_path(out, variant[: -len(IPROP_SUFFIX)], batch)
+    path = batch_path(out, method, batch)
     if not path.exists():
         return None
     with np.load(path) as stored:
@@ -328,7 +348,7 @@ def run(config: RunConfig, *, progress: bool = True) -> dict:
             base_maps = _stored_base_maps(config, out, variant, b)
             if base_maps is not None:
                 base_maps, _ = sharder.put(jnp.asarray(base_maps), shape_size)
-                values = iprop(images, base_maps, **config.iprop_hparams)
+                values = iprop(images, base_maps, **split_variant(config, variant)[1])
                 maps = jax.block_until_ready(jnp.broadcast_to(values[..., None], images.shape))
             else:
                 maps = jax.block_until_ready(attribute(model, images, predicted, keys))

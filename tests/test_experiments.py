@@ -178,7 +178,8 @@ def test_sweep_runs_cells_and_combines(tmp_path):
 
 
 def test_iprop_variant_equals_wrapped_method(tmp_path):
-    """METHOD+iprop reuses METHOD's stored maps; the result must equal running with_iprop(METHOD)."""
+    """METHOD+iprop and METHOD+ctrl reuse METHOD's stored maps; they must equal running
+    with_iprop(METHOD) at the defaults and at gamma = 0."""
     import jax
 
     from experiments.runner import image_keys
@@ -194,4 +195,8 @@ def test_iprop_variant_equals_wrapped_method(tmp_path):
     labels = np.argmax(np.asarray(jax.jit(lambda m, x: m(x))(model, images)), -1)
     direct = with_iprop("sm")(model, images, labels, key=image_keys(3, np.arange(2)))
     np.testing.assert_allclose(stored["attribution"], np.asarray(direct), rtol=1e-5, atol=1e-7)
-    assert [r["method"] for r in _rows(tmp_path)] == ["sm", "sm", "sm+iprop", "sm+iprop"]
+    control = np.load(tmp_path / "batches" / "sm+ctrl" / "batch_00000.npz")["attribution"]
+    direct = with_iprop("sm", gamma=0.0)(model, images, labels, key=image_keys(3, np.arange(2)))
+    np.testing.assert_allclose(control, np.asarray(direct), rtol=1e-6, atol=1e-8)
+    assert not np.allclose(control, stored["attribution"])
+    assert [r["method"] for r in _rows(tmp_path)] == ["sm", "sm", "sm+ctrl", "sm+ctrl", "sm+iprop", "sm+iprop"]
