@@ -20,23 +20,29 @@ import sys
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("name", None, "Name of this run's section, e.g. cpu_quick or h100_paper.")
-flags.DEFINE_list("method", None, "Methods (default: every registered method).")
-flags.DEFINE_string("model", "efficientnet_lite0", "Registered model.")
-flags.DEFINE_string("weights", None, "Weights for --model.")
-flags.DEFINE_string("data", "samples", "Image source (see experiments.imagenet).")
-flags.DEFINE_integer("num_images", None, "Number of images.")
-flags.DEFINE_integer("start", 0, "First image index.")
-flags.DEFINE_integer("batch_size", 8, "Batch size.")
-flags.DEFINE_integer("seed", 0, "PRNG seed.")
-flags.DEFINE_enum("settings", "quick", ["quick", "paper"], "quick or paper settings for every method.")
-flags.DEFINE_string("hparams", "", "Overrides, METHOD.NAME=VALUE, comma separated.")
-flags.DEFINE_string("iprop_hparams", "", "IProp overrides.")
-flags.DEFINE_bool("iprop", True, "Also run every method + IProp.")
-flags.DEFINE_string("runs_dir", "runs", "Where the run itself is stored (resumable).")
-flags.DEFINE_string("results_dir", "results", "Where the report and its figures are written.")
-flags.DEFINE_bool("report_only", False, "Only regenerate REPRODUCTION.md from results/reproduction/*.")
-flags.DEFINE_bool("progress", True, "Show progress bars.")
+
+
+def define_flags() -> None:
+    """The command-line flags; defined only when run as a script, so that importing this module
+    (tests, notebooks, other experiment scripts with flags of the same name) defines none."""
+    flags.DEFINE_string("name", None, "Name of this run's section, e.g. cpu_quick or h100_paper.")
+    flags.DEFINE_list("method", None, "Methods (default: every registered method).")
+    flags.DEFINE_string("model", "efficientnet_lite0", "Registered model.")
+    flags.DEFINE_string("weights", None, "Weights for --model.")
+    flags.DEFINE_string("data", "samples", "Image source (see experiments.imagenet).")
+    flags.DEFINE_integer("num_images", None, "Number of images.")
+    flags.DEFINE_integer("start", 0, "First image index.")
+    flags.DEFINE_integer("batch_size", 8, "Batch size.")
+    flags.DEFINE_integer("seed", 0, "PRNG seed.")
+    flags.DEFINE_enum("settings", "quick", ["quick", "paper"], "quick or paper settings for every method.")
+    flags.DEFINE_string("hparams", "", "Overrides, METHOD.NAME=VALUE, comma separated.")
+    flags.DEFINE_string("iprop_hparams", "", "IProp overrides.")
+    flags.DEFINE_bool("iprop", True, "Also run every method + IProp and its gamma = 0 control (METHOD+ctrl).")
+    flags.DEFINE_string("runs_dir", "runs", "Where the run itself is stored (resumable).")
+    flags.DEFINE_string("results_dir", "results", "Where the report and its figures are written.")
+    flags.DEFINE_bool("report_only", False, "Only regenerate REPRODUCTION.md from results/reproduction/*.")
+    flags.DEFINE_bool("progress", True, "Show progress bars.")
+
 
 # What the papers claim, as checks we can evaluate on our own numbers.
 CLAIMS = [
@@ -189,4 +195,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

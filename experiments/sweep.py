@@ -26,9 +26,15 @@ import sys
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("config", None, "Sweep configuration (JSON).")
-flags.DEFINE_string("out", None, "Output directory of the sweep.")
-flags.DEFINE_bool("progress", True, "Show progress bars.")
+
+
+def define_flags() -> None:
+    """The command-line flags; defined only when run as a script, so that importing this module
+    (tests, notebooks, other experiment scripts with flags of the same name) defines none."""
+    flags.DEFINE_string("config", None, "Sweep configuration (JSON).")
+    flags.DEFINE_string("out", None, "Output directory of the sweep.")
+    flags.DEFINE_bool("progress", True, "Show progress bars.")
+
 
 _RUN_KEYS = ("data", "tfds_data_dir", "num_images", "start", "batch_size", "seed", "protocol", "iprop",
              "settings", "iprop_hparams", "weights", "devices", "save_attributions")
@@ -111,4 +117,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
