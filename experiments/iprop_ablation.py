@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from la_iprop.iprop import REWARD_RULES, IPropConfig, iprop
-from la_iprop.metrics import auc
+from la_iprop.metrics import auc, get_protocol
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_DATA = "la1000:" + str(ROOT.parent / "shared" / "data" / "la1000")
@@ -55,7 +55,7 @@ GRID: dict[str, tuple] = {
     "reward": REWARD_RULES,
 }
 RAW = "raw"  # the method's own map, no IProp
-LA_STEP = 3 * 224  # elements per step of protocol ``la``
+LA_STEP = get_protocol("la").step  # elements per step of protocol ``la``
 
 
 # ----------------------------------------------------------------------------- settings
@@ -183,12 +183,11 @@ class Ablation:
         protocol = "" if step == LA_STEP else f"step{step}"
         return self.cache / "scores" / split.tag / protocol / self.method_dir(method) / f"{setting_key(config)}.npz"
 
-    def scores(self, method: str, split: Split, config: IPropConfig | None, step: int = 0) -> dict[str, Any]:
-        """Per-image insertion/deletion AUCs (protocol ``la``; ``step``: elements per step, 0: the
-        protocol's own) of method (+ IProp with ``config``)."""
-        from la_iprop.metrics import evaluate, get_protocol
+    def scores(self, method: str, split: Split, config: IPropConfig | None, step: int = LA_STEP) -> dict[str, Any]:
+        """Per-image insertion/deletion AUCs (protocol ``la``, ``step`` elements per step) of method
+        (+ IProp with ``config``)."""
+        from la_iprop.metrics import evaluate
 
-        step = step or LA_STEP
         path = self.score_path(method, split, config, step)
         if path.exists():
             with np.load(path) as f:
@@ -224,13 +223,15 @@ class Ablation:
         return summary
 
     def curves(self, method: str, split: Split, config: IPropConfig | None) -> tuple[np.ndarray, np.ndarray]:
-        """The per-image insertion and deletion curves of a scored variant (protocol ``la``)."""
-        self.scores(method, split, config)
-        with np.load(self.score_path(method, split, config, LA_STEP)) as f:
+        """The per-image insertion and deletion curves of a variant scored with protocol ``la``."""
+        path = self.score_path(method, split, config, LA_STEP)
+        if not path.exists():
+            self.scores(method, split, config)
+        with np.load(path) as f:
             return f["insertion_curves"], f["deletion_curves"]
 
     def setting_score(self, methods: Iterable[str], split: Split, config: IPropConfig | None,
-                      step: int = 0) -> dict[str, Any]:
+                      step: int = LA_STEP) -> dict[str, Any]:
         per_method = {m: self.scores(m, split, config, step) for m in methods}
         return {"config": None if config is None else config.as_dict(), "per_method": per_method,
                 "score": float(np.mean([s["ins_minus_del"] for s in per_method.values()]))}
@@ -254,7 +255,7 @@ def _log(message: str) -> None:
 
 # ----------------------------------------------------------------------------- search
 def search(ablation: Ablation, methods: list[str], split: Split, grid: dict[str, tuple], mode: str,
-           max_passes: int, step: int = 0) -> dict[str, dict]:
+           max_passes: int, step: int = LA_STEP) -> dict[str, dict]:
     """Scores settings on the tuning split; returns {tag: score record} of every setting evaluated."""
     results: dict[str, dict] = {}
 
@@ -506,7 +507,6 @@ def main(argv: list[str] | None = None) -> dict:
     held = {m: {name: ablation.scores(m, heldout, config) for name, config in variants.items()} for m in args.methods}
     add_paired_statistics(ablation, heldout, variants, held, coarse=step // LA_STEP)
 
-    from la_iprop.metrics import get_protocol
     device = jax.devices()[0]
     env = {"jax": jax.__version__, "backend": jax.default_backend(),
            "device": getattr(device, "device_kind", str(device)), "python": platform.python_version(),

@@ -19,6 +19,9 @@ import sys
 
 from absl import app, flags
 
+from experiments.runner import CONTROL_SUFFIX
+from la_iprop.iprop import IPROP_SUFFIX
+
 FLAGS = flags.FLAGS
 
 
@@ -59,7 +62,7 @@ CLAIMS = [
      lambda rows: _iprop_wins(rows) > 0.5),
     ("IProp's propagation itself (vs its γ = 0 control, the same per-pixel reward without propagation) "
      "improves insertion − deletion for most methods",
-     lambda rows: _iprop_wins(rows, "+ctrl") > 0.5),
+     lambda rows: _iprop_wins(rows, CONTROL_SUFFIX) > 0.5),
 ]
 
 
@@ -74,8 +77,8 @@ def _best(rows: dict, column: str, pick) -> str:
 
 def _iprop_gains(rows: dict, baseline: str = "") -> dict[str, bool]:
     """{method: does METHOD+iprop beat METHOD+baseline on ins − del} ('' : the raw map)."""
-    return {m: rows[m + "+iprop"]["ins_minus_del"] > rows[m + baseline]["ins_minus_del"]
-            for m in _plain(rows) if m + "+iprop" in rows and m + baseline in rows}
+    return {m: rows[m + IPROP_SUFFIX]["ins_minus_del"] > rows[m + baseline]["ins_minus_del"]
+            for m in _plain(rows) if m + IPROP_SUFFIX in rows and m + baseline in rows}
 
 
 def _iprop_wins(rows: dict, baseline: str = "") -> float:
@@ -112,7 +115,7 @@ def _section(name: str, summary: dict, command: str) -> str:
         except (KeyError, ValueError):
             verdict = "not checkable (methods missing)"
         lines.append(f"- {claim}: {verdict}.")
-    for baseline, versus in (("", "the raw map"), ("+ctrl", "the γ = 0 control")):
+    for baseline, versus in (("", "the raw map"), (CONTROL_SUFFIX, "the γ = 0 control")):
         gains = _iprop_gains(rows, baseline)
         if gains:
             wins = ", ".join(m for m, won in gains.items() if won) or "none"

@@ -336,6 +336,7 @@ def run(config: RunConfig, *, progress: bool = True) -> dict:
             continue
         log.info("%s: computing %d batch(es) (%d images already done)", variant, len(todo), done_images)
         attribute = _attribution_fn(config, variant, reference)
+        iprop_hparams = split_variant(config, variant)[1]
         bar = _progress(total=sum(len(idx) for _, idx in batches), initial=done_images, desc=variant,
                         enabled=progress)
         running = _RunningMean(out, variant)
@@ -348,7 +349,7 @@ def run(config: RunConfig, *, progress: bool = True) -> dict:
             base_maps = _stored_base_maps(config, out, variant, b)
             if base_maps is not None:
                 base_maps, _ = sharder.put(jnp.asarray(base_maps), shape_size)
-                values = iprop(images, base_maps, **split_variant(config, variant)[1])
+                values = iprop(images, base_maps, **iprop_hparams)
                 maps = jax.block_until_ready(jnp.broadcast_to(values[..., None], images.shape))
             else:
                 maps = jax.block_until_ready(attribute(model, images, predicted, keys))
