@@ -36,6 +36,9 @@ flags.DEFINE_bool("iprop", False, "Also run every method followed by IProp (repo
 flags.DEFINE_string("iprop_hparams", "", "IProp overrides, e.g. 'gamma=0.9,k=8'.")
 flags.DEFINE_string("out", None, "Output directory (default: runs/<derived from the flags>).")
 flags.DEFINE_integer("devices", None, "Local devices to shard batches over (default: all).")
+flags.DEFINE_enum("precision", "float32", ["float32", "float64"],
+                  "float64: model, images, maps and metric in float64 (bit-reproducible across batch sizes, thread "
+                  "counts and CPUs; slower). Part of the run's identity: a float32 run never resumes a float64 one.")
 flags.DEFINE_bool("save_attributions", True, "Keep the attribution maps in the batch .npz files.")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
 flags.DEFINE_bool("list", False, "List the registered methods and models, then exit.")
@@ -44,9 +47,11 @@ flags.DEFINE_integer("num_processes", None, "jax.distributed process count.")
 flags.DEFINE_integer("process_id", None, "jax.distributed process id.")
 
 
-def default_out(method, model, data, settings, seed, iprop, num_images, start) -> str:
+def default_out(method, model, data, settings, seed, iprop, num_images, start, precision="float32") -> str:
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", data.split(":", 1)[-1].rstrip("/").split("/")[-1] or data)
     parts = ["-".join(method), model, slug, settings, f"seed{seed}"]
+    if precision != "float32":
+        parts.append(precision)
     if iprop:
         parts.append("iprop")
     if num_images is not None or start:
@@ -78,8 +83,8 @@ def main(argv):
             batch_size=FLAGS.batch_size, seed=FLAGS.seed, protocol=FLAGS.protocol, iprop=FLAGS.iprop,
             settings=FLAGS.settings, hparams=parse_hparams(FLAGS.hparams, methods), iprop_hparams=iprop_hparams,
             out=FLAGS.out or default_out(methods, FLAGS.model, FLAGS.data, FLAGS.settings, FLAGS.seed,
-                                         FLAGS.iprop, FLAGS.num_images, FLAGS.start),
-            devices=FLAGS.devices, save_attributions=FLAGS.save_attributions)
+                                         FLAGS.iprop, FLAGS.num_images, FLAGS.start, FLAGS.precision),
+            devices=FLAGS.devices, save_attributions=FLAGS.save_attributions, precision=FLAGS.precision)
         summary = run(config, progress=FLAGS.progress)
     except ConfigError as err:
         sys.exit(f"error: {err}")

@@ -85,7 +85,8 @@ def write_reports(config, out: pathlib.Path, variants: list[str], expected_image
     protocol = json.loads((out / "protocol.json").read_text()) if (out / "protocol.json").exists() else None
     device = jax.devices()[0]
     summary = {
-        "flags": dataclasses.asdict(config), "resolved": config.resolved(), "protocol": protocol, "versions": _versions(),
+        "flags": dataclasses.asdict(config), "precision": config.precision, "resolved": config.resolved(),
+        "protocol": protocol, "versions": _versions(),
         "device": {"backend": jax.default_backend(), "kind": getattr(device, "device_kind", str(device)),
                    "local_devices": jax.local_device_count(), "processes": jax.process_count()},
         "results": summary_rows,
@@ -98,7 +99,7 @@ def write_reports(config, out: pathlib.Path, variants: list[str], expected_image
     }
     atomic_write(out / "summary.json", lambda f: json.dump(summary, f, indent=2, default=str))
     command_note = f"Model `{config.model}`, data `{config.data}`, protocol `{config.protocol}`, " \
-                   f"settings `{config.settings}`, seed {config.seed}."
+                   f"settings `{config.settings}`, seed {config.seed}, precision `{config.precision}`."
     atomic_write(out / "results.md", lambda f: f.write(markdown_table(summary_rows, "Insertion / deletion")
                                                          + "\n" + command_note + "\n"))
     write_figures(out, variants, records, source)

@@ -41,6 +41,7 @@ def define_flags() -> None:
     flags.DEFINE_string("hparams", "", "Overrides, METHOD.NAME=VALUE, comma separated.")
     flags.DEFINE_string("iprop_hparams", "", "IProp overrides.")
     flags.DEFINE_bool("iprop", True, "Also run every method + IProp and its gamma = 0 control (METHOD+ctrl).")
+    flags.DEFINE_enum("precision", "float32", ["float32", "float64"], "float32 or float64 (bit-reproducible).")
     flags.DEFINE_string("runs_dir", "runs", "Where the run itself is stored (resumable).")
     flags.DEFINE_string("results_dir", "results", "Where the report and its figures are written.")
     flags.DEFINE_bool("report_only", False, "Only regenerate REPRODUCTION.md from results/reproduction/*.")
@@ -183,7 +184,7 @@ def main(argv):
             start=FLAGS.start, batch_size=FLAGS.batch_size, seed=FLAGS.seed, protocol="la", iprop=FLAGS.iprop,
             settings=FLAGS.settings, hparams=parse_hparams(FLAGS.hparams, methods),
             iprop_hparams=parse_hparams(FLAGS.iprop_hparams, ("iprop",)).get("iprop", {}),
-            out=str(pathlib.Path(FLAGS.runs_dir) / f"reproduce_{FLAGS.name}"))
+            precision=FLAGS.precision, out=str(pathlib.Path(FLAGS.runs_dir) / f"reproduce_{FLAGS.name}"))
         run(config, progress=FLAGS.progress)
     except ConfigError as err:
         sys.exit(f"error: {err}")

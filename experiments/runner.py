@@ -33,6 +33,7 @@ from la_iprop.data import open_source
 from la_iprop.iprop import IPROP_SUFFIX, IPropConfig, iprop, with_iprop
 from la_iprop.metrics import PROTOCOLS, evaluate
 from la_iprop.models import available_models, load_model
+from la_iprop.precision import PRECISIONS, cast_floats, precision_scope
 
 __all__ = ["RunConfig", "ConfigError", "validate", "run", "method_variants", "atomic_write",
            "parse_hparams", "batch_path", "load_records"]
@@ -71,11 +72,12 @@ class RunConfig:
     out: str = ""
     devices: int | None = None           # local devices to shard over (None: all)
     save_attributions: bool = True
+    precision: str = "float32"           # "float64": model, images, maps and metric in float64 (bit-reproducible)
 
     def identity(self) -> dict:
         """The fields that determine the results (a resumed run must match them)."""
         keep = ("methods", "model", "weights", "data", "num_images", "start", "batch_size", "seed", "protocol",
-                "iprop", "settings", "hparams", "iprop_hparams", "save_attributions")
+                "iprop", "settings", "hparams", "iprop_hparams", "save_attributions", "precision")
         return json.loads(json.dumps({**{k: getattr(self, k) for k in keep}, "resolved": self.resolved()},
                                      default=str))
 
@@ -145,6 +147,8 @@ def validate(config: RunConfig):
     """Checks every flag cheaply; returns the opened image source. Raises ConfigError."""
     if not config.methods:
         raise ConfigError("--method: give at least one method, e.g. --method=la")
+    if config.precision not in PRECISIONS:
+        raise ConfigError(f"--precision: must be one of {', '.join(PRECISIONS)}, got {config.precision!r}")
     for method in config.methods:
         if method not in available_methods():
             raise ConfigError(f"--method: unknown method {method!r}; available: {', '.join(available_methods())}")
@@ -248,7 +252,8 @@ def _attribution_fn(config: RunConfig, variant: str, reference_images: np.ndarra
     fn = spec.fn
     if iprop_hparams is not None:
         fn = with_iprop(fn, **iprop_hparams)
-    return lambda model, images, labels, keys: fn(model, images, labels, key=keys, **hparams)
+    return lambda model, images, labels, keys: fn(model, images, labels, key=keys, precision=config.precision,
+                                                  **hparams)
 
 
 def _stored_base_maps(config: RunConfig, out: pathlib.Path, variant: str, batch: int) -> np.ndarray | None:
@@ -344,17 +349,19 @@ def run(config: RunConfig, *, progress: bool = True) -> dict:
             batch = source.load(indices)
             images, n = sharder.put(jnp.asarray(batch.images), shape_size)
             keys, _ = sharder.put(image_keys(config.seed, indices), shape_size)
-            predicted = _predict(model, images)
+            with precision_scope(config.precision):  # the clean-image prediction in the run's precision too
+                predicted = _predict(cast_floats(model), images)
             started = time.perf_counter()
             base_maps = _stored_base_maps(config, out, variant, b)
             if base_maps is not None:
                 base_maps, _ = sharder.put(jnp.asarray(base_maps), shape_size)
-                values = iprop(images, base_maps, **iprop_hparams)
+                values = iprop(images, base_maps, precision=config.precision, **iprop_hparams)
                 maps = jax.block_until_ready(jnp.broadcast_to(values[..., None], images.shape))
             else:
                 maps = jax.block_until_ready(attribute(model, images, predicted, keys))
             seconds = (time.perf_counter() - started) / n
-            game = evaluate(model, images, maps, protocol=config.protocol, labels=predicted)
+            game = evaluate(model, images, maps, protocol=config.protocol, labels=predicted,
+                            precision=config.precision)
             record = {
                 "index": np.asarray(indices, np.int64), "id": np.asarray(batch.ids, dtype=np.str_),
                 "label": batch.labels.astype(np.int64), "predicted": np.asarray(predicted[:n], np.int64),
@@ -363,7 +370,7 @@ def run(config: RunConfig, *, progress: bool = True) -> dict:
                 "seconds": np.full(n, seconds),
             }
             if config.save_attributions:
-                record["attribution"] = np.asarray(maps[:n], np.float32)
+                record["attribution"] = np.asarray(maps[:n], config.precision)  # float64 runs keep every bit
             atomic_write(batch_path(out, variant, b), lambda f, record=record: np.savez(f, **record), mode="wb")
             if not (out / "protocol.json").exists():
                 atomic_write(out / "protocol.json", lambda f, game=game: json.dump(dict(game.protocol), f, indent=2))

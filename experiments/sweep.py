@@ -34,10 +34,12 @@ def define_flags() -> None:
     flags.DEFINE_string("config", None, "Sweep configuration (JSON).")
     flags.DEFINE_string("out", None, "Output directory of the sweep.")
     flags.DEFINE_bool("progress", True, "Show progress bars.")
+    flags.DEFINE_enum("precision", None, ["float32", "float64"],
+                      "Precision of every cell (overrides the config's 'precision'; default: the config's, else float32).")
 
 
 _RUN_KEYS = ("data", "tfds_data_dir", "num_images", "start", "batch_size", "seed", "protocol", "iprop",
-             "settings", "iprop_hparams", "weights", "devices", "save_attributions")
+             "settings", "iprop_hparams", "weights", "devices", "save_attributions", "precision")
 
 
 def cells(spec: dict) -> list[tuple[str, dict]]:
@@ -109,6 +111,8 @@ def main(argv):
     except (OSError, json.JSONDecodeError) as err:
         sys.exit(f"error: --config: cannot read {FLAGS.config}: {err}")
     try:
+        if FLAGS.precision:
+            spec = {**spec, "precision": FLAGS.precision}
         run_sweep(spec, FLAGS.out, progress=FLAGS.progress)
     except ConfigError as err:
         sys.exit(f"error: {err}")

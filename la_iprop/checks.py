@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from la_iprop.precision import float_dtype
+
 __all__ = [
     "check_images",
     "check_labels",
@@ -31,7 +33,8 @@ def _is_traced(x: Any) -> bool:
 
 
 def check_images(images: Any, name: str = "images", *, check_range: bool = True) -> jax.Array:
-    """Images must be float NHWC with 3 channels and values in [0, 1]."""
+    """Images must be float NHWC with 3 channels and values in [0, 1]; returned in the working float type
+    (:func:`~la_iprop.precision.float_dtype`: float32, or float64 inside a float64 call)."""
     if not hasattr(images, "shape"):
         raise TypeError(f"{name} must be an array of shape [batch, height, width, 3], got {type(images).__name__}")
     images = jnp.asarray(images)
@@ -49,7 +52,7 @@ def check_images(images: Any, name: str = "images", *, check_range: bool = True)
             raise ValueError(f"{name} contains NaN or infinite values")
         if lo < 0.0 or hi > 1.0:
             raise ValueError(f"{name} must have values in [0, 1], got range [{lo:.4g}, {hi:.4g}]")
-    return images.astype(jnp.float32)
+    return images.astype(float_dtype())
 
 
 def check_labels(labels: Any, batch: int, num_classes: int | None = None, name: str = "labels") -> jax.Array:

@@ -2,8 +2,9 @@
 
     python scripts/benchmark.py la --batch 1 8
     python scripts/benchmark.py all --quick --json out.json
+    python scripts/benchmark.py vs-torch          # side by side with PyTorch / the official loops
 
-Each subcommand module defines ``add_arguments(parser)`` and ``run(args) -> dict``;
+Each subcommand module (``-`` in a subcommand is ``_`` in its module name) defines ``add_arguments(parser)`` and ``run(args) -> dict``;
 results are printed as a table and written as JSON (``--json``).
 """
 
@@ -20,16 +21,17 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_common import environment  # noqa: E402
 
-COMPONENTS = ["la", "metrics", "iprop", "models", "methods"]
+COMPONENTS = ["la", "metrics", "iprop", "models", "methods", "vs-torch"]
 
 
 def _available():
     found = {}
     for name in COMPONENTS:
+        module = f"bench_{name.replace('-', '_')}"
         try:
-            found[name] = importlib.import_module(f"bench_{name}")
+            found[name] = importlib.import_module(module)
         except ModuleNotFoundError as err:
-            if err.name != f"bench_{name}":
+            if err.name != module:
                 raise
     return found
 
@@ -38,6 +40,8 @@ def main(argv=None) -> int:
     modules = _available()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", help="write the results here as JSON")
+    parser.add_argument("--precision", default="float32", choices=["float32", "float64"],
+                        help="run every kernel in this precision (float64: x64 scoped to the run; see la_iprop.precision)")
     sub = parser.add_subparsers(dest="component", required=True)
     everything = sub.add_parser("all", help="every component")
     everything.add_argument("--quick", action="store_true", help="small sizes; a few minutes on a 2-core CPU")
@@ -47,13 +51,16 @@ def main(argv=None) -> int:
         module.add_arguments(p)
     args = parser.parse_args(argv)
 
-    results = {"environment": environment()}
-    if args.component == "all":
-        for name, module in modules.items():
-            sub_args = sub.choices[name].parse_args(["--quick"] if args.quick else [])
-            results[name] = module.run(sub_args)
-    else:
-        results[args.component] = modules[args.component].run(args)
+    from la_iprop.precision import precision_scope
+
+    results = {"environment": environment(), "precision": args.precision}
+    with precision_scope(args.precision):  # the library's entry points inherit it
+        if args.component == "all":
+            for name, module in modules.items():
+                sub_args = sub.choices[name].parse_args(["--quick"] if args.quick else [])
+                results[name] = module.run(sub_args)
+        else:
+            results[args.component] = modules[args.component].run(args)
     text = json.dumps(results, indent=2, default=float)
     print(text)
     if args.json:

@@ -49,6 +49,7 @@ from la_iprop.attribution.attack import cross_entropy, linf_box, sign_step, walk
 from la_iprop.attribution.base import prepare_inputs, register_method, split_per_image
 from la_iprop.attribution.gradients import chunked_sum
 from la_iprop.checks import check_choice, check_in_range, check_int_at_least, check_nonnegative, check_positive
+from la_iprop.precision import random_normal, random_uniform
 
 __all__ = ["attexplore", "dct_matrix", "dct_2d", "idct_2d", "spectrum_augment", "diversity_matrix",
            "gaussian_smoothing_matrix"]
@@ -89,8 +90,8 @@ def idct_2d(coefficients: jax.Array) -> jax.Array:
 def spectrum_augment(key: jax.Array, x: jax.Array, sigma: float, rho: float) -> jax.Array:
     """SSA: ``IDCT(DCT(x + sigma * e) * m)``, ``e ~ N(0, I)``, ``m ~ U(1 - rho, 1 + rho)`` per element (ONE image)."""
     k_noise, k_mask = jax.random.split(key)
-    noisy = x + sigma * jax.random.normal(k_noise, x.shape, x.dtype)
-    mask = jax.random.uniform(k_mask, x.shape, x.dtype, 1.0 - rho, 1.0 + rho)
+    noisy = x + sigma * random_normal(k_noise, x.shape, x.dtype)
+    mask = random_uniform(k_mask, x.shape, x.dtype, 1.0 - rho, 1.0 + rho)
     return idct_2d(dct_2d(noisy) * mask)
 
 
@@ -157,7 +158,7 @@ def _sample_gradient(logit_fn, x, label, key, *, sigma, rho, diversity_prob, res
     height, width = x.shape[0], x.shape[1]
 
     if diversity_prob > 0:  # one draw for the coin, the resize and the two offsets (few PRNG calls compile faster)
-        coin, u_size, u_off_h, u_off_w = jax.random.uniform(k_di, (4,), x.dtype)
+        coin, u_size, u_off_h, u_off_w = random_uniform(k_di, (4,), x.dtype)
         apply = coin < diversity_prob
         m_h = jnp.where(apply, diversity_matrix(u_size, u_off_h, height, resize_rate), jnp.eye(height))
         m_w = jnp.where(apply, diversity_matrix(u_size, u_off_w, width, resize_rate), jnp.eye(width))

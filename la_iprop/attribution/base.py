@@ -7,6 +7,10 @@ A method is a pure function::
 with ``images`` NHWC float32 in [0, 1], ``labels`` the classes to explain (None: the
 predicted class), ``key`` a ``jax.random`` key and ``attributions.shape ==
 images.shape``. Hyperparameters are static (keyword-only, with defaults).
+
+Every registered method also takes ``precision="float32" | "float64"`` (added by
+:func:`register_method`, see :mod:`la_iprop.precision`): float64 runs the weights, the
+images and the kernel in float64 with JAX's x64 mode scoped to the call.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from la_iprop.checks import check_images, check_labels
+from la_iprop.precision import cast_floats, with_precision
 
 __all__ = ["MethodSpec", "register_method", "get_method", "available_methods", "as_pytree_fn",
            "prepare_inputs", "class_probability", "method_hparams", "split_per_image", "check_target_classes", "num_classes_of"]
@@ -45,8 +50,12 @@ def _is_opaque(treedef) -> bool:
 
 def prepare_inputs(logit_fn: Callable, images: Any, labels: Any, *, key: Any = None,
                    need_key: bool = False) -> tuple[Callable, jax.Array, jax.Array, jax.Array | None]:
-    """Validates the convention's arguments; ``labels=None`` means the predicted class."""
-    logit_fn = as_pytree_fn(logit_fn)
+    """Validates the convention's arguments; ``labels=None`` means the predicted class.
+
+    The classifier's floating weights (a :class:`~la_iprop.models.ModelFn`'s variables) and the
+    images come back in the working float type of the call (float64 inside a float64 call).
+    """
+    logit_fn = cast_floats(as_pytree_fn(logit_fn))
     images = check_images(images)
     if labels is None:
         labels = _predict(logit_fn, images)
@@ -128,10 +137,15 @@ _METHODS: dict[str, MethodSpec] = {}
 
 def register_method(name: str, *, description: str, quick: Mapping[str, Any] | None = None,
                     needs_reference_set: bool = False):
-    """Decorator: ``@register_method("ig", description=...)``."""
+    """Decorator: ``@register_method("ig", description=...)``.
+
+    The registered (and returned) function also takes ``precision`` (see :mod:`la_iprop.precision`),
+    so every method has it without writing it.
+    """
     def wrap(fn):
         if name in _METHODS:
             raise ValueError(f"method {name!r} is already registered")
+        fn = with_precision(fn)
         _METHODS[name] = MethodSpec(name, fn, description, dict(quick or {}), needs_reference_set)
         return fn
     return wrap
@@ -151,4 +165,4 @@ def method_hparams(name: str) -> dict[str, Any]:
     """The keyword hyperparameters of a registered method and their defaults."""
     sig = inspect.signature(get_method(name).fn)
     return {p.name: p.default for p in sig.parameters.values()
-            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "key"}
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in ("key", "precision")}

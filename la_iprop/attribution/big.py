@@ -105,7 +105,7 @@ def _explain_one(logit_fn, x0, label, *, walks, index, attack_steps, attack_loss
     chosen = jnp.where(jnp.any(cand_success), best, 0)
     baseline = ends[index[chosen]]
 
-    alphas, weights = (jnp.asarray(a) for a in quadrature(rule, steps))
+    alphas, weights = (jnp.asarray(a, x0.dtype) for a in quadrature(rule, steps))
     delta = x0 - baseline
 
     def weighted_grads(idx):

@@ -22,6 +22,7 @@ from jax import lax
 
 from la_iprop.attribution.base import class_probability, prepare_inputs, register_method, split_per_image
 from la_iprop.checks import check_int_at_least, check_nonnegative
+from la_iprop.precision import random_normal
 
 __all__ = ["sm", "sg", "fig", "probability_grad", "log_probability_grad", "chunked_sum", "resolve_chunk"]
 
@@ -99,7 +100,7 @@ def _sg_core(logit_fn, images, labels, keys, *, samples, std, sample_chunk):
         def grads(idx):
             def grad_at(i):
                 # fold_in(i): sample i's noise does not depend on the chunking.
-                noise = std * jax.random.normal(jax.random.fold_in(key, i), image.shape, image.dtype)
+                noise = std * random_normal(jax.random.fold_in(key, i), image.shape, image.dtype)
                 return probability_grad(logit_fn, image + noise, label)
             return jax.vmap(grad_at)(idx)
         return chunked_sum(grads, samples, sample_chunk) / samples

@@ -19,6 +19,7 @@ import numpy as np
 from la_iprop.attribution.base import prepare_inputs, register_method, split_per_image
 from la_iprop.attribution.gradients import chunked_sum, probability_grad, resolve_chunk
 from la_iprop.checks import check_choice, check_images, check_in_range, check_int_at_least
+from la_iprop.precision import float_dtype, random_uniform
 
 __all__ = ["ig", "eg", "quadrature", "RULES"]
 
@@ -49,13 +50,13 @@ def quadrature(rule: str, steps: int) -> tuple[np.ndarray, np.ndarray]:
         offset = {"riemann_left": 0.0, "riemann_right": 1.0, "riemann_middle": 0.5}[rule]
         alphas = (np.arange(steps) + offset) / steps
         weights = np.full(steps, 1.0 / steps)
-    return alphas.astype(np.float32), weights.astype(np.float32)
+    return alphas.astype(np.float64), weights.astype(np.float64)  # cast to the working float type at use
 
 
 # ----------------------------------------------------------------------------- ig
 @functools.partial(jax.jit, static_argnames=("steps", "rule", "baseline", "step_chunk"))
 def _ig_core(logit_fn, images, labels, *, steps, rule, baseline, step_chunk):
-    alphas, weights = (jnp.asarray(a) for a in quadrature(rule, steps))
+    alphas, weights = (jnp.asarray(a, float_dtype()) for a in quadrature(rule, steps))
 
     def one(image, label):
         start = jnp.full_like(image, baseline)
@@ -102,8 +103,8 @@ def _eg_core(logit_fn, images, labels, keys, references, *, samples, sample_chun
             def term(i):
                 # fold_in(i): sample i's draw does not depend on the chunking.
                 k_ref, k_alpha = jax.random.split(jax.random.fold_in(key, i))
-                ref = references[jax.random.randint(k_ref, (), 0, num_refs)]
-                alpha = jax.random.uniform(k_alpha, (), image.dtype)
+                ref = references[jax.random.randint(k_ref, (), 0, num_refs, jnp.int32)]
+                alpha = random_uniform(k_alpha, (), image.dtype)
                 return (image - ref) * probability_grad(logit_fn, ref + alpha * (image - ref), label)
             return jax.vmap(term)(idx)
         return chunked_sum(terms, samples, sample_chunk) / samples

@@ -47,6 +47,7 @@ from la_iprop.iprop.defaults import (
     DEFAULT_SIGMA_S,
     check_graph_hparams,
 )
+from la_iprop.precision import float_dtype
 
 __all__ = ["PixelGraph", "knn_graph", "rgb_to_lab", "color_features", "window_candidates", "to_dense"]
 
@@ -56,15 +57,15 @@ class PixelGraph(NamedTuple):
 
     senders: jax.Array      # int32, node i (row of P)
     receivers: jax.Array    # int32, neighbour j
-    weights: jax.Array      # float32, w_ij = exp(-d_ij^2)
-    transition: jax.Array   # float32, P_ij = w_ij / sum_j w_ij (rows sum to 1)
+    weights: jax.Array      # working float type, w_ij = exp(-d_ij^2)
+    transition: jax.Array   # working float type, P_ij = w_ij / sum_j w_ij (rows sum to 1)
 
 
 # sRGB (D65) -> CIE XYZ, and the D65 reference white.
 _RGB_TO_XYZ = np.array([[0.412453, 0.357580, 0.180423],
                         [0.212671, 0.715160, 0.072169],
-                        [0.019334, 0.119193, 0.950227]], np.float32)
-_WHITE_D65 = np.array([0.95047, 1.0, 1.08883], np.float32)
+                        [0.019334, 0.119193, 0.950227]])
+_WHITE_D65 = np.array([0.95047, 1.0, 1.08883])
 
 
 def rgb_to_lab(rgb: jax.Array) -> jax.Array:
@@ -75,9 +76,9 @@ def rgb_to_lab(rgb: jax.Array) -> jax.Array:
     ``t/(3 (6/29)^2) + 4/29``; ``L = 116 f(Y) - 16``, ``a = 500 (f(X) - f(Y))``,
     ``b = 200 (f(Y) - f(Z))``.
     """
-    rgb = jnp.asarray(rgb, jnp.float32)
+    rgb = jnp.asarray(rgb, float_dtype())
     linear = jnp.where(rgb > 0.04045, ((jnp.maximum(rgb, 0.04045) + 0.055) / 1.055) ** 2.4, rgb / 12.92)
-    xyz = linear @ jnp.asarray(_RGB_TO_XYZ).T / jnp.asarray(_WHITE_D65)
+    xyz = linear @ jnp.asarray(_RGB_TO_XYZ, rgb.dtype).T / jnp.asarray(_WHITE_D65, rgb.dtype)
     delta = 6.0 / 29.0
     f = jnp.where(xyz > delta ** 3, jnp.cbrt(jnp.maximum(xyz, delta ** 3)), xyz / (3 * delta ** 2) + 4.0 / 29.0)
     fx, fy, fz = f[..., 0], f[..., 1], f[..., 2]
@@ -87,7 +88,7 @@ def rgb_to_lab(rgb: jax.Array) -> jax.Array:
 def color_features(image: jax.Array, color_space: str) -> jax.Array:
     """The colour coordinates used in the distance: RGB as is, or CIELab / 100."""
     if color_space == "rgb":
-        return jnp.asarray(image, jnp.float32)
+        return jnp.asarray(image, float_dtype())
     if color_space == "lab":
         return rgb_to_lab(image) / 100.0
     raise ValueError(f"color_space must be one of ['lab', 'rgb'], got {color_space!r}")
@@ -116,7 +117,7 @@ def window_candidates(height: int, width: int, radius: int) -> tuple[np.ndarray,
     x = np.arange(width)[None, :, None, None]
     shape = (height, width, (2 * radius + 1) ** 2)
     index = (cand_y * width + cand_x).reshape(shape).astype(np.int32)
-    spatial_d2 = ((cand_y - y) ** 2 + (cand_x - x) ** 2).reshape(shape).astype(np.float32)
+    spatial_d2 = ((cand_y - y) ** 2 + (cand_x - x) ** 2).reshape(shape).astype(np.float32)  # small integers: exact
     is_self = ((cand_y == y) & (cand_x == x)).reshape(shape)
     return index, spatial_d2, is_self
 

@@ -19,6 +19,7 @@ from la_iprop.checks import check_finite, check_images, check_int_at_least
 from la_iprop.iprop.defaults import IPropConfig
 from la_iprop.iprop.graph import knn_graph
 from la_iprop.iprop.propagate import propagate, reward_from_attribution
+from la_iprop.precision import with_precision
 
 __all__ = ["iprop", "iprop_single", "with_iprop", "iprop_name", "parse_iprop_name", "default_chunk_size",
            "IPROP_SUFFIX"]
@@ -69,9 +70,10 @@ def _check_attributions(attributions: Any, images: jax.Array) -> jax.Array:
     if not jnp.issubdtype(attributions.dtype, jnp.floating):
         raise ValueError(f"attributions must be floating point, got dtype {attributions.dtype}")
     check_finite(attributions, "attributions")
-    return attributions.astype(jnp.float32)
+    return attributions.astype(images.dtype)
 
 
+@with_precision
 def iprop(images: Any, attributions: Any, *, return_iterations: bool = False, chunk_size: int | None = None,
           **hparams: Any):
     """IProp values ``V [B, H, W]`` of a batch (``return_iterations``: also the per-image counts ``[B]``).
@@ -83,6 +85,8 @@ def iprop(images: Any, attributions: Any, *, return_iterations: bool = False, ch
     ``r = reward_rule(attribution)``, graph ``P`` of the image, ``V = r + gamma P V``.
     The per-image kernel is vmapped over chunks of ``chunk_size`` images (None:
     :func:`default_chunk_size`), so each image's result is independent of the others.
+    ``precision``: "float32" (default) or "float64" (x64 scoped to the call, see
+    :mod:`la_iprop.precision`).
     """
     config = _config(hparams)
     images = check_images(images)
@@ -127,7 +131,7 @@ def with_iprop(method: Callable | str, **iprop_hparams: Any) -> Callable:
     The result follows the standard convention
     ``wrapped(logit_fn, images, labels, *, key, **hparams) -> attributions`` (``hparams`` go to
     ``method``), returning ``V`` broadcast to the image channels so that
-    ``attributions.shape == images.shape``. ``iprop_hparams`` (or ``config=``) fix IProp's
+    ``attributions.shape == images.shape``; ``precision`` applies to both. ``iprop_hparams`` (or ``config=``) fix IProp's
     settings; the wrapper exposes them as ``wrapped.iprop_config``.
     """
     config = _config(dict(iprop_hparams))
@@ -139,9 +143,10 @@ def with_iprop(method: Callable | str, **iprop_hparams: Any) -> Callable:
     else:
         raise TypeError(f"method must be a callable attribution method or a registered name, got {method!r}")
 
+    @with_precision
     def wrapped(logit_fn, images, labels=None, *, key=None, **hparams):
         images = check_images(images)
-        attributions = method(logit_fn, images, labels, key=key, **hparams)
+        attributions = method(logit_fn, images, labels, key=key, **hparams)  # inherits the precision
         values = iprop(images, attributions, config=config)
         return jnp.broadcast_to(values[..., None], images.shape)
 

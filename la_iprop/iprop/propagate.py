@@ -35,6 +35,7 @@ from la_iprop.iprop.defaults import (
     check_propagation_hparams,
 )
 from la_iprop.iprop.graph import PixelGraph
+from la_iprop.precision import float_dtype
 
 __all__ = ["reward_from_attribution", "propagate", "propagation_step", "transition_matvec", "window_matvec",
            "iteration_bound"]
@@ -46,7 +47,7 @@ def reward_from_attribution(attribution: jax.Array, rule: str = DEFAULT_REWARD) 
     ``sum``: ``sum_c a_c``; ``abs_sum``: ``sum_c |a_c|``; ``positive_sum``: ``max(sum_c a_c, 0)``.
     """
     check_choice("reward", rule, REWARD_RULES)
-    attribution = jnp.asarray(attribution, jnp.float32)
+    attribution = jnp.asarray(attribution, float_dtype())
     if rule == "abs_sum":
         return jnp.sum(jnp.abs(attribution), axis=-1)
     total = jnp.sum(attribution, axis=-1)
@@ -146,7 +147,7 @@ def propagate(graph: PixelGraph, reward: jax.Array, *, gamma: float = DEFAULT_GA
     float rounding), faster on CPU because interior pixels use slices, not gathers.
     """
     check_propagation_hparams(gamma, tol, max_iter)
-    reward = jnp.asarray(reward, jnp.float32)
+    reward = jnp.asarray(reward, float_dtype())
     n = graph.senders.shape[0]
     if reward.size == 0 or n % reward.size != 0 or graph.receivers.shape != graph.senders.shape \
             or graph.transition.shape != graph.senders.shape:
@@ -161,7 +162,7 @@ def propagate(graph: PixelGraph, reward: jax.Array, *, gamma: float = DEFAULT_GA
         window = (int(reward.shape[0]), int(reward.shape[1]), int(radius))
         if not isinstance(graph.receivers, jax.core.Tracer):
             _check_window(graph, *window)
-    return _fixed_point(graph, reward, jnp.float32(gamma), tol=float(tol), max_iter=int(max_iter), window=window)
+    return _fixed_point(graph, reward, jnp.asarray(gamma, reward.dtype), tol=float(tol), max_iter=int(max_iter), window=window)
 
 
 def _check_window(graph: PixelGraph, height: int, width: int, radius: int) -> None:

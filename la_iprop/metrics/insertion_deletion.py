@@ -44,6 +44,7 @@ from la_iprop.checks import (
     check_like,
     check_positive,
 )
+from la_iprop.precision import cast_floats, with_precision
 
 __all__ = ["Protocol", "PROTOCOLS", "GameResult", "get_protocol", "evaluate", "auc", "ranks",
            "gaussian_kernel1d", "gaussian_blur", "substrate_mean_color", "IMAGENET_MEAN"]
@@ -215,7 +216,7 @@ def gaussian_kernel1d(size: int, sigma: float, kind: str = "rise") -> np.ndarray
     if kind == "sampled":
         t = np.arange(size) - centre
         w = np.exp(-0.5 * (t / sigma) ** 2)
-        return (w / w.sum()).astype(np.float32)
+        return w / w.sum()
     radius = int(4.0 * sigma + 0.5)
     offsets = np.arange(-radius, radius + 1)
     w = np.exp(-0.5 * (offsets / sigma) ** 2)
@@ -223,7 +224,7 @@ def gaussian_kernel1d(size: int, sigma: float, kind: str = "rise") -> np.ndarray
     # out[n] = sum_j w[j] * impulse[reflect(n + j)]; reflection has period 2 * size.
     src = np.mod(np.arange(size)[:, None] + offsets[None, :], 2 * size)
     src = np.where(src >= size, 2 * size - 1 - src, src)
-    return (w[None, :] * (src == centre)).sum(1).astype(np.float32)
+    return (w[None, :] * (src == centre)).sum(1)
 
 
 def gaussian_blur(image: jax.Array, *, size: int = 11, sigma: float = 5.0, kind: str = "rise",
@@ -355,6 +356,7 @@ class GameResult:
 
 
 # ----------------------------------------------------------------------------- evaluation
+@with_precision
 def evaluate(logit_fn: Callable, images: Any, attributions: Any, *, protocol: str | Protocol = "la",
              labels: Any = None, chunk_size: int | None = None) -> GameResult:
     """Insertion and deletion curves of ``attributions`` (same shape as ``images``).
@@ -368,15 +370,17 @@ def evaluate(logit_fn: Callable, images: Any, attributions: Any, *, protocol: st
         (the protocol of the LA and RISE papers).
       chunk_size: perturbed images per forward pass (bounds memory); None: 8 on CPU
         (fastest per image there), 64 on accelerators.
+      precision: "float32" (default) or "float64": the model, images, maps and scores in float64
+        with JAX's x64 mode scoped to the call (see :mod:`la_iprop.precision`).
     """
     proto = get_protocol(protocol)
     model = logit_fn   # before wrapping: its attributes tell the mean colour
-    logit_fn = as_pytree_fn(logit_fn)
+    logit_fn = cast_floats(as_pytree_fn(logit_fn))
     images = check_images(images)
     attributions = check_like(attributions, images, "attributions")
     if not (jnp.issubdtype(attributions.dtype, jnp.floating) or jnp.issubdtype(attributions.dtype, jnp.integer)):
         raise ValueError(f"attributions must be real numbers, got dtype {attributions.dtype}")
-    attributions = attributions.astype(jnp.float32)
+    attributions = attributions.astype(images.dtype)
     check_finite(attributions, "attributions")
     batch, height, width, channels = images.shape
     labels_source = "predicted" if labels is None else "given"
@@ -426,7 +430,7 @@ def _play(logit_fn, images, attributions, labels, *, protocol: Protocol, chunk_s
     rank = jax.vmap(functools.partial(ranks, ranking=protocol.ranking))(attributions)
     points = protocol.num_steps(height, width, channels) + 1
     mean_color = jnp.asarray(protocol.mean_color if protocol.mean_color is not None else IMAGENET_MEAN,
-                             jnp.float32)
+                             images.dtype)
     if protocol.uses_blur:
         blur = functools.partial(gaussian_blur, size=protocol.blur_size, sigma=protocol.blur_sigma,
                                  kind=protocol.blur_kernel, padding=protocol.blur_padding,
@@ -451,7 +455,7 @@ def _play(logit_fn, images, attributions, labels, *, protocol: Protocol, chunk_s
 
     def score_chunk(ns):
         batch_images, b = jax.vmap(perturbed)(ns)
-        logits = logit_fn(batch_images).astype(jnp.float32)
+        logits = logit_fn(batch_images).astype(images.dtype)
         if protocol.score == "probability":
             logits = jax.nn.softmax(logits, axis=-1)
         return jnp.take_along_axis(logits, labels[b][:, None], axis=1)[:, 0]
