@@ -23,7 +23,8 @@ def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
 
 
 def _depthwise_shift_add(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
-    """Depthwise conv of an already padded NHWC input as a sum of k*k shifted copies."""
+    """Depthwise conv of an already padded NHWC input as a sum of k*k shifted copies
+    (plain JAX, differentiated by autodiff; impl ``"shift_add_plain"``)."""
     kh, kw, _ = kernel.shape
     out_h = (x.shape[1] - kh) // stride + 1
     out_w = (x.shape[2] - kw) // stride + 1
@@ -39,6 +40,117 @@ def _depthwise_shift_add(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Ar
     return out
 
 
+def _stride_phases(x: jax.Array, stride: int) -> dict[tuple[int, int], jax.Array]:
+    """``{(a, b): x[:, a::stride, b::stride]}``: each strided sub-grid as its own (contiguous) array."""
+    if stride == 1:
+        return {(0, 0): x}
+    return {(a, b): x[:, a::stride, b::stride] for a in range(stride) for b in range(stride)}
+
+
+def _tap_windows(x: jax.Array, kh: int, kw: int, stride: int, out_h: int, out_w: int):
+    """``(i, j, window)`` for every tap: ``window = x[:, i + stride*u, j + stride*v]`` for
+    ``u < out_h, v < out_w`` of an already padded input, read as a unit-stride slice of
+    one stride phase (strided reads inside a loop fusion are what XLA:CPU does slowly)."""
+    phases = _stride_phases(x, stride)
+    for i in range(kh):
+        for j in range(kw):
+            phase = phases[(i % stride, j % stride)]
+            di, dj = i // stride, j // stride
+            yield i, j, lax.slice(phase, (0, di, dj, 0), (phase.shape[0], di + out_h, dj + out_w, phase.shape[3]))
+
+
+def _depthwise_phase_forward(xp: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+    kh, kw, _ = kernel.shape
+    out_h = (xp.shape[1] - kh) // stride + 1
+    out_w = (xp.shape[2] - kw) // stride + 1
+    out = None
+    for i, j, window in _tap_windows(xp, kh, kw, stride, out_h, out_w):
+        term = window * kernel[i, j]
+        out = term if out is None else out + term
+    return out
+
+
+def _depthwise_input_cotangent(g: jax.Array, kernel: jax.Array, stride: int, in_hw: tuple[int, int],
+                               padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
+    """The transposed depthwise convolution: cotangent of the UNPADDED input from ``g``.
+
+    With ``out[u] = sum_i xp[s*u + i] w[i]`` (per axis), the padded-input element
+    ``q = s*t + a`` (stride phase ``a``) receives ``sum_m g[t - m] w[a + s*m]``: a
+    unit-stride shift-and-add of ``g`` with the sub-kernel ``w[a::s]`` per phase. The
+    ``s*s`` phases are interleaved and the padding is cropped; no zero-dilated ``g`` and
+    no strided reads.
+    """
+    kh, kw, _ = kernel.shape
+    (top, _), (left, _) = padding
+    height, width = in_hw
+    n, out_h, out_w, channels = g.shape
+    rows, cols = -(-(top + height) // stride), -(-(left + width) // stride)  # phase lengths needed
+    taps_h, taps_w = -(-kh // stride), -(-kw // stride)                       # most taps of one phase
+    zero = jnp.zeros((), g.dtype)
+    gp = lax.pad(g, zero, ((0, 0, 0), (taps_h - 1, rows - out_h, 0), (taps_w - 1, cols - out_w, 0), (0, 0, 0)))
+    phases = []
+    for a in range(stride):
+        row = []
+        for b in range(stride):
+            acc = None
+            for m in range(-(-(kh - a) // stride)):
+                for k in range(-(-(kw - b) // stride)):
+                    si, sj = taps_h - 1 - m, taps_w - 1 - k
+                    window = lax.slice(gp, (0, si, sj, 0), (n, si + rows, sj + cols, channels))
+                    term = window * kernel[a + stride * m, b + stride * k]
+                    acc = term if acc is None else acc + term
+            row.append(jnp.zeros((n, rows, cols, channels), g.dtype) if acc is None else acc)
+        phases.append(row)
+    if stride == 1:
+        full = phases[0][0]
+    else:  # interleave: full[:, s*t + a, s*r + b] = phases[a][b][:, t, r]
+        full = jnp.stack([jnp.stack(row, axis=3) for row in phases], axis=2)   # [n, rows, s, cols, s, c]
+        full = full.reshape(n, rows * stride, cols * stride, channels)
+    return full[:, top:top + height, left:left + width]
+
+
+def _depthwise_kernel_cotangent(xp: jax.Array, g: jax.Array, kernel_shape: tuple[int, ...], stride: int) -> jax.Array:
+    kh, kw, _ = kernel_shape
+    taps = {(i, j): jnp.sum(window * g, axis=(0, 1, 2))
+            for i, j, window in _tap_windows(xp, kh, kw, stride, g.shape[1], g.shape[2])}
+    return jnp.stack([jnp.stack([taps[(i, j)] for j in range(kw)]) for i in range(kh)])
+
+
+def _pad_input(x, padding):
+    if any(p for pair in padding for p in pair):
+        return jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+    return x
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _depthwise_fast(x: jax.Array, kernel: jax.Array, stride: int, padding) -> jax.Array:
+    """Depthwise conv (unpadded NHWC input) with a hand-written VJP; impl ``"shift_add"``.
+
+    Forward: shift-and-add over stride phases. Backward: the incoming cotangent is
+    materialised once (an optimisation barrier: otherwise XLA:CPU fuses its producer,
+    e.g. BatchNorm and the ReLU6 mask with the forward convolution recomputed, into every
+    one of the k*k taps), then the transposed convolution per stride phase
+    (:func:`_depthwise_input_cotangent`) and, when used, the kernel cotangent
+    (``sum over n, u, v of window_ij * g``; XLA drops it when only the input is differentiated).
+    """
+    return _depthwise_phase_forward(_pad_input(x, padding), kernel, stride)
+
+
+def _depthwise_fast_fwd(x, kernel, stride, padding):
+    return _depthwise_fast(x, kernel, stride, padding), (x, kernel)
+
+
+def _depthwise_fast_bwd(stride, padding, residuals, g):
+    x, kernel = residuals
+    (g,) = lax.optimization_barrier((g,))
+    dx = _depthwise_input_cotangent(g, kernel, stride, x.shape[1:3], padding)
+    dkernel = _depthwise_kernel_cotangent(_pad_input(x, padding), g, kernel.shape, stride)
+    return dx, dkernel.astype(kernel.dtype)
+
+
+_depthwise_fast.defvjp(_depthwise_fast_fwd, _depthwise_fast_bwd)
+
+
 def _depthwise_library(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
     channels = kernel.shape[-1]
     return lax.conv_general_dilated(
@@ -46,11 +158,16 @@ def _depthwise_library(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Arra
         dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=channels)
 
 
+DEPTHWISE_IMPLS = ("shift_add", "shift_add_plain", "library")
+
+
 def depthwise_impl_for_backend(backend: str | None = None) -> str:
     """Which depthwise implementation is fastest on a backend (measured, see DESIGN.md).
 
     XLA:CPU's grouped convolution is ~10x slower than shift-and-add (forward and input
-    gradient); on GPU cuDNN's depthwise kernels win.
+    gradient), and the hand-written VJP of ``"shift_add"`` (stride phases, cotangent
+    materialised once) halves Lite0's input gradient again; on GPU cuDNN's depthwise
+    kernels win.
     """
     backend = backend or jax.default_backend()
     return "shift_add" if backend == "cpu" else "library"
@@ -61,17 +178,22 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int = 1,
                    impl: str | None = None) -> jax.Array:
     """Depthwise 2-D convolution, NHWC input, kernel ``[kh, kw, channels]``.
 
-    ``impl`` is ``"shift_add"``, ``"library"`` or None (pick per backend). Both forms
-    compute the same cross-correlation as PyTorch's grouped ``conv2d``.
+    ``impl``: ``"shift_add"`` (shift-and-add over stride phases with a hand-written VJP),
+    ``"shift_add_plain"`` (shift-and-add, autodiff), ``"library"``
+    (``lax.conv_general_dilated`` with ``feature_group_count``) or None (pick per backend).
+    All compute the same cross-correlation as PyTorch's grouped ``conv2d``, in the
+    inputs' dtype.
     """
-    if any(p for pair in padding for p in pair):
-        x = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
     impl = impl or depthwise_impl_for_backend()
+    padding = tuple(tuple(int(p) for p in pair) for pair in padding)
     if impl == "shift_add":
+        return _depthwise_fast(x, kernel, int(stride), padding)
+    x = _pad_input(x, padding)
+    if impl == "shift_add_plain":
         return _depthwise_shift_add(x, kernel, stride)
     if impl == "library":
         return _depthwise_library(x, kernel, stride)
-    raise ValueError(f"impl must be 'shift_add', 'library' or None, got {impl!r}")
+    raise ValueError(f"impl must be one of {DEPTHWISE_IMPLS} or None, got {impl!r}")
 
 
 class DepthwiseConv(nn.Module):
@@ -193,7 +315,7 @@ def avg_pool2d(x: jax.Array, kernel: int, stride: int, padding: int = 0, ceil_mo
 
 def _adaptive_matrix(size: int, out: int) -> np.ndarray:
     """Averaging matrix [out, size] of PyTorch's adaptive pooling bins [floor(i*n/o), ceil((i+1)*n/o))."""
-    matrix = np.zeros((out, size), np.float32)
+    matrix = np.zeros((out, size))  # float64; cast to the input's dtype at use
     for i in range(out):
         start, end = (i * size) // out, -(-((i + 1) * size) // out)
         matrix[i, start:end] = 1.0 / (end - start)
@@ -207,8 +329,8 @@ def adaptive_avg_pool2d(x: jax.Array, output_size: int | tuple[int, int]) -> jax
         return x
     if (out_h, out_w) == (1, 1):
         return jnp.mean(x, axis=(1, 2), keepdims=True)
-    rows = jnp.asarray(_adaptive_matrix(x.shape[1], out_h))
-    cols = jnp.asarray(_adaptive_matrix(x.shape[2], out_w))
+    rows = jnp.asarray(_adaptive_matrix(x.shape[1], out_h), x.dtype)
+    cols = jnp.asarray(_adaptive_matrix(x.shape[2], out_w), x.dtype)
     return jnp.einsum("ih,nhwc,jw->nijc", rows, x, cols)
 
 
