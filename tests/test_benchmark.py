@@ -20,3 +20,20 @@ def test_quick_benchmark_writes_json(tmp_path):
     timings = data["iprop"]["single_image_ms"]
     assert all(v[0] > 0 for v in timings.values())
     assert max(data["iprop"]["scipy_reference"]["float32"]["rel_max_diff_vs_jax"].values()) < 1e-4
+
+
+def test_quick_vs_torch_benchmark_runs_side_by_side(tmp_path):
+    """``vs-torch --quick``: every part runs and the transcribed official loops give our results."""
+    out = tmp_path / "vs_torch.json"
+    result = subprocess.run([sys.executable, "scripts/benchmark.py", "--json", str(out), "vs-torch", "--quick",
+                             "--lite0-batch", "1", "--size", "32"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    data = json.loads(out.read_text())["vs-torch"]
+    if "skipped" in data:
+        return
+    assert data["torch_threads"] == 2 and data["image_size"] == 32
+    assert data["lite0"][0]["ours_vjp_ms"] > 0 and data["lite0"][0]["max_abs_logit_diff"] < 1e-3
+    assert data["la"]["rows"][0]["map_correlation_ours_vs_official"] > 0.99
+    assert data["metric"]["max_abs_curve_diff_vs_official"] < 1e-3
+    assert data["metric"]["forwards_per_image"] == 2 * (32 + 1)
