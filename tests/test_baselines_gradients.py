@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable
 
@@ -18,6 +19,7 @@ from la_iprop.attribution.gradients import chunked_sum, fig, sg, sm
 from la_iprop.attribution.guided_ig import gig, kth_smallest_nonnegative
 from la_iprop.attribution.integrated import eg, ig, quadrature
 from la_iprop.models import ModelFn
+from la_iprop.precision import precision_scope
 
 SIZE = 5
 W_LIN = np.random.RandomState(0).uniform(-0.005, 0.005, (SIZE, SIZE, 3)).astype(np.float32)
@@ -217,6 +219,14 @@ def test_registered_with_quick_settings():
 
 @pytest.mark.parametrize("name", MINE)
 def test_batch_independence_and_key_determinism(name, tiny):
+    # Guided IG's feature selection ranks |grad|: chaotic in float32 (a batch-dependent rounding reorders a
+    # near-tie), so it is compared in float64. The others are smooth in the gradients: float32 batch tiling
+    # changes sums by ~1e-7 relative (measured here: 0, bit-identical), 100x inside the bound below.
+    with precision_scope("float64") if name == "gig" else contextlib.nullcontext():
+        _check_batch_independence_and_key_determinism(name, tiny)
+
+
+def _check_batch_independence_and_key_determinism(name, tiny):
     x = _images(3, size=8, seed=7)
     labels = np.array([2, 0, 1], np.int32)
     refs = _images(4, size=8, seed=8)

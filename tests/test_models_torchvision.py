@@ -270,16 +270,15 @@ def test_input_gradients_match(pair, inputs, flax_run, torch_run):
     assert scale > 0 and grads64.dtype == np.float64
     assert np.abs(grads64 - ref64).max() <= 1e-8 * scale
 
-    # Float32: ReLU kinks and max-pool near-ties flipped by rounding make torch's own float32
-    # gradient differ from the float64 one by up to ~1.5% (L2); the port must be about as accurate.
+    # Float32, against the float64 truth (never against how torch's own float32 happened to round):
+    # a rounding difference flips a ReLU kink or a max-pool near-tie somewhere, and where it falls
+    # depends on the CPU's vector unit. Measured relative L2 errors of the float32 port (torch's in
+    # brackets): resnet50 1.7e-2 (1.4e-2); vgg16 4.1e-3 (1.3e-3); inception_v3 7.7e-3 (1.1e-2) on one
+    # CPU and 1.7e-3 (7.7e-7) on another; maxvit_t, GELU without kinks, 3.9e-6 (3.2e-6).
+    # Bounds: 5e-2 for the kinked models (3x the worst measured), 1e-4 for maxvit (25x).
     norm = np.linalg.norm
-    torch_error = norm(torch_run["grads"][1:] - ref64) / norm(ref64)
     jax_error = norm(flax_run["grads"][1:] - ref64) / norm(ref64)
-    # Measured (jax, torch): resnet50 1.7e-2, 1.4e-2; vgg16 4.1e-3, 1.3e-3; inception_v3 7.7e-3, 1.1e-2;
-    # maxvit_t (GELU: no kinks) 3.9e-6, 3.2e-6.
-    assert jax_error <= 5e-2 and jax_error <= max(5 * torch_error, 1e-4), (jax_error, torch_error)
-    # Both images, float32 against float32.
-    assert norm(flax_run["grads"] - torch_run["grads"]) <= 5e-2 * norm(torch_run["grads"])
+    assert jax_error <= (1e-4 if pair.name == "maxvit_t" else 5e-2), jax_error
 
 
 def test_activation_and_max_pool_are_swappable_fields(pair, inputs, torch_run):

@@ -27,7 +27,7 @@ from la_iprop.checks import check_images, check_labels
 from la_iprop.precision import cast_floats, with_precision
 
 __all__ = ["MethodSpec", "register_method", "get_method", "available_methods", "as_pytree_fn",
-           "prepare_inputs", "class_probability", "method_hparams", "split_per_image", "check_target_classes", "num_classes_of"]
+           "prepare_inputs", "check_logits_follow_precision", "class_probability", "method_hparams", "split_per_image", "check_target_classes", "num_classes_of"]
 
 
 def as_pytree_fn(logit_fn: Callable) -> Callable:
@@ -57,6 +57,7 @@ def prepare_inputs(logit_fn: Callable, images: Any, labels: Any, *, key: Any = N
     """
     logit_fn = cast_floats(as_pytree_fn(logit_fn))
     images = check_images(images)
+    check_logits_follow_precision(logit_fn, images)
     if labels is None:
         labels = _predict(logit_fn, images)
     num_classes = getattr(logit_fn, "num_classes", None)
@@ -73,6 +74,24 @@ def prepare_inputs(logit_fn: Callable, images: Any, labels: Any, *, key: Any = N
             raise ValueError(f"key must be a jax.random key (PRNGKey(seed)) or one key per image "
                              f"(shape ({batch}, 2)), got shape {key.shape} dtype {key.dtype}")
     return logit_fn, images, labels, key
+
+
+def check_logits_follow_precision(logit_fn: Callable, images: jax.Array) -> None:
+    """In a float64 call the classifier must compute in float64: a plain function whose weights are
+    float32 constants fails (lax ops refuse mixed dtypes) or returns float32 logits (silently float32).
+    Both become one clear error. A :class:`~la_iprop.models.ModelFn` always passes (its weights are cast)."""
+    if images.dtype != jnp.float64:
+        return
+    hint = ("with precision='float64' the classifier must compute in float64: pass a la_iprop ModelFn (its "
+            "weights are cast for the call) or a function whose weights follow the input dtype "
+            "(e.g. w.astype(images.dtype))")
+    try:
+        logits = jax.eval_shape(logit_fn, images[:1])
+    except TypeError as err:
+        raise TypeError(f"logit_fn failed on float64 images ({str(err).splitlines()[0]}); {hint}") from None
+    if getattr(logits, "dtype", None) != jnp.float64:
+        raise TypeError(f"logit_fn returned {getattr(logits, 'dtype', type(logits).__name__)} logits for float64 "
+                        f"images; {hint}")
 
 
 @jax.jit

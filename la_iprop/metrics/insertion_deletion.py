@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from la_iprop.attribution.base import as_pytree_fn
+from la_iprop.attribution.base import as_pytree_fn, check_logits_follow_precision
 from la_iprop.checks import (
     check_choice,
     check_finite,
@@ -377,6 +377,7 @@ def evaluate(logit_fn: Callable, images: Any, attributions: Any, *, protocol: st
     model = logit_fn   # before wrapping: its attributes tell the mean colour
     logit_fn = cast_floats(as_pytree_fn(logit_fn))
     images = check_images(images)
+    check_logits_follow_precision(logit_fn, images)
     attributions = check_like(attributions, images, "attributions")
     if not (jnp.issubdtype(attributions.dtype, jnp.floating) or jnp.issubdtype(attributions.dtype, jnp.integer)):
         raise ValueError(f"attributions must be real numbers, got dtype {attributions.dtype}")
