@@ -29,7 +29,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--spatial-range", type=float, default=10.0)
     parser.add_argument("--max-iter", type=int, default=None, help="T (default 10; quick: 2)")
     parser.add_argument("--sampling-times", type=int, default=6)
-    parser.add_argument("--run-chunk", type=int, default=None, help="runs evaluated together (default: all K)")
+    parser.add_argument("--run-chunk", type=int, default=None, help="runs evaluated together (default: LA's, 1 on CPU, all K elsewhere)")
     parser.add_argument("--update", default="restart", choices=["restart", "pgd"])
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per setting (default 2; quick: 1)")
 
@@ -88,7 +88,8 @@ def run(args) -> dict:
     max_iter = args.max_iter or (2 if args.quick else 10)
     repeats = args.repeats or (1 if args.quick else 2)
     k = args.sampling_times
-    chunk = min(args.run_chunk or k, k)
+    default_chunk = 1 if jax.default_backend() == "cpu" else k   # local_attribution's run_chunk=None
+    chunk = min(args.run_chunk or default_chunk, k)
     model = load_model(args.model)
     size = model.input_size
     settings = dict(spatial_range=args.spatial_range, max_iter=max_iter, sampling_times=k, update=args.update,

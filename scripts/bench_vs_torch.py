@@ -1,7 +1,7 @@
 """Side by side with PyTorch (CPU): Lite0 forward / input VJP, LA and insertion+deletion vs the official loops.
 
 Everything is timed in ONE process, alternating ours and theirs call by call (medians over
-the repeats, after one warm-up call each), on the same real la1000 images and settings, so
+the repeats, after a warm-up call of everything that compiles, and of the Lite0 calls), on the same real la1000 images and settings, so
 the ratios hold on a shared or throttled machine; absolute seconds do not transfer.
 
 - ``lite0``: EfficientNet-Lite0 forward, and forward + a 2-cotangent input VJP
@@ -77,10 +77,12 @@ def _images(n: int, size: int) -> np.ndarray:
     return np.stack(out)
 
 
-def _side_by_side(calls: dict, repeats: int) -> dict:
-    """Median seconds of each call; one warm-up each, then the calls alternate per repeat."""
-    for fn in calls.values():
-        fn()
+def _side_by_side(calls: dict, repeats: int, warm: tuple[str, ...] | None = None) -> dict:
+    """Median seconds of each call; one warm-up call each (those named in ``warm``; None:
+    all), then the calls alternate per repeat."""
+    for name, fn in calls.items():
+        if warm is None or name in warm:
+            fn()
     times = {name: [] for name in calls}
     for _ in range(repeats):
         for name, fn in calls.items():
@@ -254,7 +256,7 @@ def _la_row(torch, model, tmodel, images, draw, settings, run_chunk, repeats) ->
         return official_la(torch, tmodel, xt, t_targets, spatial_range=settings["spatial_range"],
                            max_iter=settings["max_iter"])
 
-    t = _side_by_side({"ours": ours, "official": theirs}, repeats)
+    t = _side_by_side({"ours": ours, "official": theirs}, repeats, warm=("ours",))  # the loop compiles nothing
     a = np.asarray(ours()).reshape(batch, -1)
     b = np.transpose(theirs().numpy(), (0, 2, 3, 1)).reshape(batch, -1)
     corr = float(np.mean([np.corrcoef(a[i], b[i])[0, 1] for i in range(batch)]))
@@ -289,7 +291,8 @@ def _metric_part(torch, model, tmodel, size, n, chunk, repeats) -> dict:
 
     with torch.no_grad():
         t = _side_by_side({"ours": ours, "official": theirs,
-                           "ours_forward_chunk": lambda: jax.block_until_ready(_forward(model, batch))}, repeats)
+                           "ours_forward_chunk": lambda: jax.block_until_ready(_forward(model, batch))}, repeats,
+                          warm=("ours", "ours_forward_chunk"))
     ours_res, official = ours(), theirs()
     curve_diff = max(float(np.abs(ours_res.deletion_curves - official["del"].T).max()),
                      float(np.abs(ours_res.insertion_curves - official["ins"].T).max()))

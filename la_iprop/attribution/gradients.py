@@ -59,18 +59,19 @@ def chunked_sum(fn: Callable[[jax.Array], jax.Array], num: int, chunk: int) -> j
 
     ``fn`` maps an int32 index vector ``[c]`` to per-index terms ``[c, ...]`` (it is
     usually a ``vmap``, so the model sees ``c`` inputs at once). Full chunks run in a
-    ``lax.scan``; a last partial chunk (``num % chunk`` indices) runs once after it,
+    ``lax.scan`` (a single one as a plain call); a last partial chunk (``num % chunk`` indices) runs once after it,
     so exactly ``num`` terms are evaluated.
     """
     chunk = min(chunk, num)
     full, rest = divmod(num, chunk)
     shape = jax.eval_shape(fn, jnp.zeros((chunk,), jnp.int32))
-    total = jnp.zeros(shape.shape[1:], shape.dtype)
+    if full == 1:  # one full chunk: a plain call, no one-iteration scan around the model
+        total = jnp.sum(fn(jnp.arange(chunk, dtype=jnp.int32)), axis=0)
+    else:
+        def body(acc, start):
+            return acc + jnp.sum(fn(start + jnp.arange(chunk, dtype=jnp.int32)), axis=0), None
 
-    def body(acc, start):
-        return acc + jnp.sum(fn(start + jnp.arange(chunk, dtype=jnp.int32)), axis=0), None
-
-    total, _ = lax.scan(body, total, jnp.arange(full, dtype=jnp.int32) * chunk)
+        total, _ = lax.scan(body, jnp.zeros(shape.shape[1:], shape.dtype), jnp.arange(full, dtype=jnp.int32) * chunk)
     if rest:
         total = total + jnp.sum(fn(full * chunk + jnp.arange(rest, dtype=jnp.int32)), axis=0)
     return total

@@ -132,7 +132,10 @@ def local_attribution(logit_fn: Callable, images: Any, labels: Any = None, *, ke
       target_classes: ``[K-1]`` (same for every image) or ``[B, K-1]`` explicit targets;
         the replace-if-equal-to-label rule still applies. None: drawn from ``key``.
       run_chunk: runs evaluated together (the model sees ``B * run_chunk`` images per
-        step); None: all ``K`` at once. Bounds memory; the result does not depend on it.
+        step); None: 1 on CPU (one run at a time: as fast as all ``K`` at once there --
+        Lite0, s=10, T=10, K=6 on a 2-core CPU: 6.42 vs 6.69 s/image at batch 1, 1.83 vs
+        1.80 s/image at batch 8, T=3 -- with ``K`` times less activation memory), all ``K``
+        at once on accelerators. Bounds memory; the result does not depend on it.
       return_iterates: debugging: also return the iterates ``x_1..x_T`` of every run,
         shape ``[B, K, T, H, W, 3]`` (run ``K - 1`` is the untargeted one).
 
@@ -145,6 +148,8 @@ def local_attribution(logit_fn: Callable, images: Any, labels: Any = None, *, ke
     check_choice("update", update, UPDATES)
     if step_size is not None:
         check_positive("step_size", step_size)
+    if run_chunk is None and jax.default_backend() == "cpu":
+        run_chunk = 1
     if run_chunk is not None:
         check_int_at_least("run_chunk", run_chunk, 1)
     num_targets = sampling_times - 1
