@@ -1,0 +1,80 @@
+"""The statistics helpers and the stability experiment (a tiny run end to end, resume, report)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from experiments.stability import StabilityConfig, nudge_one_ulp, run_stability, write_report
+from la_iprop.metrics.statistics import (
+    bootstrap_mean_ci,
+    paired_difference_ci,
+    pearson,
+    relative_l1,
+    verdict,
+)
+
+
+def test_bootstrap_ci_is_seeded_and_brackets_the_mean():
+    values = np.random.default_rng(0).normal(1.0, 0.5, size=40)
+    ci = bootstrap_mean_ci(values)
+    assert ci.n == 40 and ci.low < ci.mean < ci.high and ci.mean == pytest.approx(values.mean())
+    assert bootstrap_mean_ci(values) == ci                      # same seed, same interval
+    assert 0.2 < (ci.high - ci.low) / (0.5 / np.sqrt(40)) < 6   # about 2 x 1.96 standard errors wide
+    assert verdict(ci) == "holds" and verdict(ci, claimed_sign=-1) == "contradicted"
+    assert verdict(bootstrap_mean_ci([-1.0, 1.0, -1.0, 1.0])) == "inconclusive"
+
+
+def test_paired_difference_ci_uses_the_pairs():
+    a = np.random.default_rng(1).normal(size=30)
+    ci = paired_difference_ci(a + 0.01, a)  # a constant shift: zero spread once paired
+    assert ci.low == pytest.approx(0.01) and ci.high == pytest.approx(0.01) and ci.excludes_zero()
+    with pytest.raises(ValueError, match="one value per image"):
+        paired_difference_ci([1.0, 2.0], [1.0])
+    with pytest.raises(ValueError, match="at least one"):
+        bootstrap_mean_ci([])
+    with pytest.raises(ValueError, match="finite"):
+        bootstrap_mean_ci([1.0, np.nan])
+    with pytest.raises(ValueError, match="resamples"):
+        bootstrap_mean_ci([1.0, 2.0], resamples=10)
+
+
+def test_agreement_measures():
+    a = np.arange(12.0)
+    assert pearson(a, 2 * a + 1) == pytest.approx(1.0) and pearson(a, -a) == pytest.approx(-1.0)
+    assert pearson(np.ones(4), np.ones(4)) == 1.0
+    assert relative_l1(a * 1.1, a) == pytest.approx(0.1) and relative_l1(np.zeros(3), np.zeros(3)) == 0.0
+
+
+def test_nudge_moves_every_element_by_one_ulp_inside_the_unit_interval():
+    images = np.array([0.0, 1e-30, 0.25, 0.5, 0.75, 1.0], np.float32)
+    nudged = nudge_one_ulp(images)
+    assert nudged.dtype == np.float32 and np.all((nudged >= 0) & (nudged <= 1))
+    assert np.all(nudged != images)
+    assert np.all(np.abs(nudged - images) == np.spacing(np.minimum(images, nudged)))
+
+
+@pytest.mark.slow
+def test_tiny_stability_run_resumes_and_reports(tmp_path):
+    config = StabilityConfig(data="samples", num_images=2, batch_size=2, metric_every=224)
+    work = tmp_path / "work"
+    run_stability(config, ("sm", "sg"), work)
+    first = {m: (work / f"{m}.json").stat().st_mtime_ns for m in ("sm", "sg")}
+    run_stability(config, ("sm", "sg"), work)  # everything cached: nothing recomputed
+    assert {m: (work / f"{m}.json").stat().st_mtime_ns for m in ("sm", "sg")} == first
+    with pytest.raises(ValueError, match="other settings"):
+        run_stability(StabilityConfig(data="samples", num_images=3, batch_size=2, metric_every=224), ("sm",), work)
+
+    payload = write_report(work, tmp_path / "results", "python -m experiments.stability ...")
+    summary = payload["summaries"]
+    assert set(summary) == {"sm", "sg"} and summary["sm"]["n"] == 2
+    # sm is not chaotic: float32 and float64 maps agree closely
+    assert summary["sm"]["f32_vs_f64"]["pearson_min"] > 0.999
+    assert "seed_abs_delta_insertion" in summary["sg"] and "seed_abs_delta_insertion" not in summary["sm"]
+    text = (tmp_path / "results" / "stability.md").read_text()
+    for heading in ("## How far float32 maps move", "## What it does to insertion / deletion",
+                    "## Findings", "Not measured yet"):
+        assert heading in text
+    assert json.loads((tmp_path / "results" / "stability.json").read_text())["settings"]["num_images"] == 2
