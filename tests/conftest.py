@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pathlib
@@ -22,6 +23,21 @@ def la1000_images(indices) -> tuple[np.ndarray, np.ndarray]:
     images = np.stack([np.asarray(Image.open(LA1000 / "images" / f"{int(i)}.png").convert("RGB"),
                                   np.float32) / 255.0 for i in indices])
     return images, np.asarray([labels[int(i)] for i in indices], np.int32)
+
+
+def in_float64(test):
+    """Runs a test inside la_iprop's float64 scope: method calls inherit it, and jnp arrays are float64.
+
+    Sign- and rank-driven walks (LA, AGI, MFABA, BIG, AttEXplore, Guided IG) are chaotic in float32:
+    a rounding difference between a batched kernel and a plain loop, or between batch sizes, flips a
+    near-zero gradient sign and the walks part. Exact comparisons of such walks run in float64 only."""
+    from la_iprop.precision import precision_scope
+
+    @functools.wraps(test)
+    def wrapper(*args, **kwargs):
+        with precision_scope("float64"):
+            return test(*args, **kwargs)
+    return wrapper
 
 
 def chw_to_hwc(array: np.ndarray) -> np.ndarray:

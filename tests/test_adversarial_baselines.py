@@ -7,12 +7,11 @@ forms; one check runs MFABA on EfficientNet-Lite0.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import in_float64
 
 from la_iprop.attribution import available_methods, get_method, method_hparams
 from la_iprop.attribution.agi import agi
@@ -28,7 +27,7 @@ from la_iprop.attribution.attexplore import (
 from la_iprop.attribution.base import split_per_image
 from la_iprop.attribution.big import EPSILONS, big, distinct_walks
 from la_iprop.attribution.mfaba import mfaba
-from la_iprop.precision import float_dtype, precision_scope
+from la_iprop.precision import float_dtype
 
 SIZE, NUM_CLASSES = 8, 10
 METHODS = ("agi", "attexplore", "big", "mfaba")
@@ -63,19 +62,6 @@ def _probs(model, x):
 
 def _prob_grad(model, x, c):
     return jax.grad(lambda v: _probs(model, v)[c])(x)
-
-
-def in_float64(test):
-    """Runs a test inside la_iprop's float64 scope (method calls inherit it; arrays made with jnp are float64).
-
-    The sign-driven walks of these methods are chaotic in float32 (a rounding difference between the batched
-    kernel and a plain loop flips a near-zero gradient sign and the walks part), so they are compared with
-    their plain transcriptions, and across batches and chunkings, exactly, in float64 only."""
-    @functools.wraps(test)
-    def wrapper(*args, **kwargs):
-        with precision_scope("float64"):
-            return test(*args, **kwargs)
-    return wrapper
 
 
 # Small settings shared by several tests, so that each compiled program is reused.

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import chw_to_hwc, la1000_images
+from conftest import chw_to_hwc, in_float64, la1000_images
 
 from la_iprop.attribution import available_methods, get_method, method_hparams
 from la_iprop.attribution.la import avoid_label, local_attribution
-from la_iprop.precision import float_dtype, precision_scope
+from la_iprop.precision import float_dtype
 
 NUM_CLASSES = 10
 SIZE = 6
@@ -39,18 +37,6 @@ def _toy_images(batch: int, seed: int = 1) -> np.ndarray:
     """float32 values, in the working float type (float64 inside :func:`in_float64` tests)."""
     images = np.random.default_rng(seed).uniform(0.05, 1.0, size=(batch, SIZE, SIZE, 3)).astype(np.float32)
     return images.astype(float_dtype())
-
-
-def in_float64(test):
-    """Runs a test inside la_iprop's float64 scope (LA calls inherit it; arrays made with jnp are float64).
-
-    The corner walk is chaotic in float32 (a rounding difference between the batched kernel and a plain
-    loop, or between batch sizes, flips a near-zero gradient sign), so exact comparisons run in float64."""
-    @functools.wraps(test)
-    def wrapper(*args, **kwargs):
-        with precision_scope("float64"):
-            return test(*args, **kwargs)
-    return wrapper
 
 
 def _agreement(ours: np.ndarray, theirs: np.ndarray) -> tuple[float, float]:
