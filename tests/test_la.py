@@ -50,24 +50,26 @@ def _agreement(ours: np.ndarray, theirs: np.ndarray) -> tuple[float, float]:
 # The official update jumps to a corner of the box chosen by sign(grad) at the previous corner. In float32 this
 # map is chaotic: rounding differences flip the sign of near-zero gradient elements, each flip moves the next
 # iterate, and the number of differing elements grows ~10x per step until about half of them differ after 4-8
-# steps (measured: the official loop in PyTorch with 1 vs 2 threads already diverges). So the stored float32 output
-# at T=10 is matched only loosely (measured on the 6 stored images, ours vs official: Pearson 0.79-0.96, relative
-# L1 0.25-0.50; PyTorch 1 thread vs official: 0.90-0.99 / 0.09-0.35; float64 ground truth vs official: 0.81-0.96).
-# The exact parity check runs in float64, where the divergence disappears, against an independent PyTorch
-# transcription of the official loop at the full settings (s=10, T=10, K=6).
+# steps (measured: the official loop in PyTorch with 1 vs 2 threads already diverges). So how our float32 map
+# matches the stored float32 output depends on how rounding falls on the CPU (measured on the 6 stored images,
+# ours vs official: Pearson 0.79-0.96 here, lower elsewhere; PyTorch 1 thread vs official: 0.90-0.99), and no
+# float32 map is asserted against it. What is CPU-independent: our float64 map (the exact walk, equal to the
+# official loop run in float64 to 1e-15, test below) against the stored float32 output, i.e. how far the
+# official float32 run itself strayed. Measured on positions 0 and 2: Pearson 0.958 / 0.932, relative L1
+# 0.30 / 0.27 (0.81-0.96 over all six).
 REFERENCE_PEARSON = 0.75
 REFERENCE_REL_L1 = 0.6
 
 
 @pytest.mark.slow
-def test_matches_official_float32_reference_within_rounding_chaos(lite0, la_reference):
-    positions = [0, 2]  # all 6 are checked in the report; 2 keep CI within budget
+def test_official_float32_reference_is_the_exact_walk_up_to_float32_chaos(lite0, la_reference):
+    positions = [0, 2]  # all 6 were measured; 2 keep CI within budget
     images, _ = la1000_images(la_reference["image_index"][positions])
     k = int(la_reference["sampling_times"])
     ours = np.asarray(local_attribution(
         lite0, images, None, spatial_range=float(la_reference["spatial_range"]),
         max_iter=int(la_reference["max_iter"]), sampling_times=k,
-        target_classes=la_reference["selected_classes"][positions, :k - 1]))
+        target_classes=la_reference["selected_classes"][positions, :k - 1], precision="float64"))
     expected = chw_to_hwc(la_reference["attribution_chw"][positions])
     for i, pos in enumerate(positions):
         pearson, rel_l1 = _agreement(ours[i], expected[i])
