@@ -8,7 +8,6 @@ thread counts, and Guided IG equals PAIR-code/saliency's algorithm.
 from __future__ import annotations
 
 import json
-import math
 import os
 import pathlib
 import subprocess
@@ -21,12 +20,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT, la1000_images
+from conftest import ROOT
 
 from experiments.runner import ConfigError, RunConfig, _check_identity, validate
 from la_iprop.attribution import available_methods, get_method, method_hparams
 from la_iprop.attribution.base import split_per_image
-from la_iprop.attribution.guided_ig import gig, kth_smallest_nonnegative
+from la_iprop.attribution.guided_ig import kth_smallest_nonnegative
 from la_iprop.iprop import iprop, knn_graph, to_dense, with_iprop
 from la_iprop.metrics import evaluate
 from la_iprop.models import ModelFn
@@ -185,48 +184,7 @@ def test_float64_and_float32_share_random_draws(name, tiny):
     assert np.corrcoef(f32.ravel(), f64.ravel())[0, 1] >= 0.999
 
 
-# --- float64 parity with PAIR-code/saliency's Guided IG ------------------------------------------------------
-
-def _pair_guided_ig(x, baseline, grad_fn, *, steps, fraction, max_dist):
-    """Guided IG as PAIR-code/saliency's GuidedIG computes it (float64, NumPy), written from the algorithm:
-    per step, repeatedly pull laggards up to the lower band, stop when the L1 target is met (math.isclose,
-    1e-9), else move the ``fraction`` of features with the smallest |grad| (np.quantile 'lower') toward the
-    upper band, the whole way or the fraction gamma that meets the target."""
-    x, baseline = np.asarray(x, np.float64), np.asarray(baseline, np.float64)
-    delta = x - baseline
-    total = np.abs(delta).sum()
-    point, attribution = baseline.copy(), np.zeros_like(x)
-    for step in range(steps):
-        gradient = grad_fn(point)
-        alpha = (step + 1.0) / steps
-        low, high = max(alpha - max_dist, 0.0), min(alpha + max_dist, 1.0)
-        lower_band, upper_band = baseline + delta * low, baseline + delta * high
-        target = total * (1 - (step + 1) / steps)
-        while True:
-            before = point.copy()
-            with np.errstate(divide="ignore", invalid="ignore"):
-                progress = np.where(delta != 0, (point - baseline) / delta, np.nan)
-            progress[np.isnan(progress)] = high
-            lagging = progress < low
-            point[lagging] = lower_band[lagging]
-            current = np.abs(point - x).sum()
-            if math.isclose(target, current, rel_tol=1e-9, abs_tol=1e-9):
-                attribution += (point - before) * gradient
-                break
-            ranked = np.abs(np.where(point == upper_band, np.inf, gradient))
-            threshold = np.quantile(ranked, fraction, method="lower")
-            chosen = (ranked <= threshold) & np.isfinite(ranked)
-            reducible = (np.abs(point - upper_band) * chosen).sum()
-            gamma = (current - target) / reducible if reducible > 0 else np.inf
-            if gamma > 1.0:
-                point[chosen] = upper_band[chosen]
-            else:
-                point[chosen] = (point + gamma * (upper_band - point))[chosen]
-            attribution += (point - before) * gradient
-            if gamma <= 1.0:
-                break
-    return attribution
-
+# --- Guided IG's exact k-th smallest in float64 -------------------------------------------------------------
 
 def test_kth_smallest_is_exact_in_float64():
     rng = np.random.default_rng(3)
@@ -241,26 +199,6 @@ def test_kth_smallest_is_exact_in_float64():
         # values that float32 cannot tell apart (the old float32 cast merged them)
         close = jnp.asarray([1.0, 1.0 + 1e-12, 1.0 + 2e-12])
         assert float(kth_smallest_nonnegative(close, 1)) == 1.0 + 1e-12
-
-
-@pytest.mark.slow
-def test_gig_equals_pair_guided_ig_in_float64(lite0):
-    images, _ = la1000_images([905, 3])
-    steps, fraction, max_dist = 5, 0.25, 0.02
-    ours = np.asarray(gig(lite0, images, None, steps=steps, fraction=fraction, max_dist=max_dist,
-                          precision="float64"))
-    assert ours.dtype == np.float64
-    with jax.enable_x64(True):
-        model64 = lite0.replace(variables=jax.tree_util.tree_map(lambda v: jnp.asarray(v, jnp.float64),
-                                                                 lite0.variables))
-        labels = np.asarray(jnp.argmax(model64(jnp.asarray(images, jnp.float64)), -1))
-        grad = jax.jit(jax.grad(lambda x, y: jax.nn.softmax(model64(x[None])[0])[y]))
-        for i in range(len(images)):
-            theirs = _pair_guided_ig(images[i], np.zeros_like(images[i], np.float64),
-                                     lambda z, y=int(labels[i]): np.asarray(grad(jnp.asarray(z), y)),
-                                     steps=steps, fraction=fraction, max_dist=max_dist)
-            relative = np.abs(ours[i] - theirs).sum() / np.abs(theirs).sum()
-            assert relative <= 1e-8, (i, relative)
 
 
 # --- float64 across XLA:CPU thread settings -----------------------------------------------------------------
