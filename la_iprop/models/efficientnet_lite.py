@@ -50,14 +50,38 @@ def _bn(name: str) -> nn.BatchNorm:
     return nn.BatchNorm(use_running_average=True, momentum=0.99, epsilon=1e-3, name=name)
 
 
+POINTWISE_IMPLS = ("matmul", "conv")
+
+
+class _ConvKernel(nn.Module):
+    """Just ``nn.Conv``'s ``kernel`` parameter (same name, shape and initialiser)."""
+    shape: tuple[int, ...]
+
+    @nn.compact
+    def __call__(self):
+        return self.param("kernel", nn.initializers.lecun_normal(), self.shape, jnp.float32)
+
+
 class SameConv(nn.Module):
-    """Dense conv with TF "SAME" padding (input size known at trace time), no bias."""
+    """Dense conv with TF "SAME" padding (input size known at trace time), no bias.
+
+    ``pointwise="matmul"``: a 1x1 stride-1 conv is ``x.reshape(-1, C) @ W`` (on XLA:CPU the
+    forward + input VJP of Lite0 at batch 8 is ~12% faster than with ``lax.conv``, measured
+    side by side); ``"conv"``: always ``nn.Conv``. Same parameter tree either way.
+    """
     features: int
     kernel_size: int
     stride: int = 1
+    pointwise: str = "matmul"
 
     @nn.compact
     def __call__(self, x):
+        if self.pointwise not in POINTWISE_IMPLS:
+            raise ValueError(f"pointwise must be one of {POINTWISE_IMPLS}, got {self.pointwise!r}")
+        if self.kernel_size == 1 and self.stride == 1 and self.pointwise == "matmul":
+            kernel = _ConvKernel((1, 1, x.shape[-1], self.features), name="conv")().astype(x.dtype)
+            n, h, w, c = x.shape
+            return (x.reshape(n * h * w, c) @ kernel[0, 0]).reshape(n, h, w, self.features)
         pad = [same_padding(x.shape[i], self.kernel_size, self.stride) for i in (1, 2)]
         return nn.Conv(self.features, (self.kernel_size, self.kernel_size), (self.stride, self.stride),
                        padding=pad, use_bias=False, name="conv")(x)
@@ -70,17 +94,18 @@ class MBConv(nn.Module):
     out_filters: int
     activation: Callable
     depthwise_impl: str | None = None
+    pointwise: str = "matmul"
 
     @nn.compact
     def __call__(self, inputs):
         x = inputs
         in_filters = inputs.shape[-1]
         if self.expand_ratio != 1:
-            x = SameConv(in_filters * self.expand_ratio, 1, name="expand_conv")(x)
+            x = SameConv(in_filters * self.expand_ratio, 1, pointwise=self.pointwise, name="expand_conv")(x)
             x = self.activation(_bn("bn0")(x))
         x = DepthwiseConv(self.kernel_size, self.stride, self.depthwise_impl, name="depthwise_conv")(x)
         x = self.activation(_bn("bn1")(x))
-        x = SameConv(self.out_filters, 1, name="project_conv")(x)
+        x = SameConv(self.out_filters, 1, pointwise=self.pointwise, name="project_conv")(x)
         x = _bn("bn2")(x)
         if self.stride == 1 and in_filters == self.out_filters:
             x = x + inputs  # identity skip (drop-connect is off at inference)
@@ -99,6 +124,7 @@ class EfficientNetLite(nn.Module):
     blocks: Sequence[tuple[int, int, int, int, int, int]] = LITE_BLOCKS
     activation: Callable = jax.nn.relu6
     depthwise_impl: str | None = None
+    pointwise: str = "matmul"  # 1x1 convs as matmuls ("conv": nn.Conv), see SameConv
 
     @nn.compact
     def __call__(self, x):
@@ -111,9 +137,9 @@ class EfficientNetLite(nn.Module):
             repeats = repeats if last_or_first else int(math.ceil(self.depth * repeats))
             for r in range(repeats):
                 x = MBConv(kernel, stride if r == 0 else 1, expand, out_filters, self.activation,
-                           self.depthwise_impl, name=f"blocks_{index}")(x)
+                           self.depthwise_impl, self.pointwise, name=f"blocks_{index}")(x)
                 index += 1
-        x = SameConv(1280, 1, name="conv_head")(x)
+        x = SameConv(1280, 1, pointwise=self.pointwise, name="conv_head")(x)
         x = self.activation(_bn("bn1")(x))
         x = jnp.mean(x, axis=(1, 2))
         return nn.Dense(self.num_classes, name="fc")(x)
