@@ -95,18 +95,22 @@ def test_killed_run_resumes_to_the_same_csv(reference_run, tmp_path):
     assert len(_rows(out)) == 4
 
 
-def test_sharded_run_equals_single_device(reference_run, tmp_path):
+def test_sharded_run_equals_single_device(reference_run_float64, tmp_path):
+    """4 devices (one image each) vs one device (batches of 2): other program shapes, so float32 rounding
+    differs and sm's near-tied ranks can flip (|Δ AUC| up to 3e-3, results/stability.md). In float64 the
+    runs agree to the last digits the CSV keeps."""
     out = tmp_path / "sharded"
-    result = _cli([*BASE, "--batch_size=4", "--devices=4", f"--out={out}"],
+    result = _cli(["--method=sm", "--num_images=2", "--seed=3", "--progress=false", "--precision=float64",
+                   "--batch_size=4", "--devices=4", f"--out={out}"],
                   env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
     assert result.returncode == 0, result.stderr[-2000:]
     assert "4 device(s)" in result.stderr
-    sharded, single = _rows(out), _rows(reference_run[0])
+    sharded, single = _rows(out), _rows(reference_run_float64)
     assert [r["image_id"] for r in sharded] == [r["image_id"] for r in single]
     for a, b in zip(sharded, single, strict=True):
         assert a["predicted"] == b["predicted"]
         for column in ("insertion", "deletion"):
-            assert float(a[column]) == pytest.approx(float(b[column]), abs=1e-4)
+            assert float(a[column]) == pytest.approx(float(b[column]), abs=2e-6)  # the CSV keeps 6 decimals
 
 
 @pytest.mark.parametrize("args,message", [
@@ -132,6 +136,15 @@ def test_empty_folder_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="--data: no image files"):
         validate(RunConfig(methods=("sm",), data=f"folder:{tmp_path / 'empty'}", out=str(tmp_path / "o")))
+
+
+@pytest.fixture(scope="module")
+def reference_run_float64(tmp_path_factory):
+    """sm on 2 sample photos in float64, in process (batch size 2)."""
+    out = tmp_path_factory.mktemp("reference_f64")
+    run(RunConfig(methods=("sm",), num_images=2, seed=3, batch_size=2, out=str(out), precision="float64"),
+        progress=False)
+    return out
 
 
 def test_changed_settings_in_same_out_are_refused(reference_run):
@@ -202,14 +215,13 @@ def test_iprop_variant_equals_wrapped_method(tmp_path):
     assert [r["method"] for r in _rows(tmp_path)] == ["sm", "sm", "sm+ctrl", "sm+ctrl", "sm+iprop", "sm+iprop"]
 
 
-def test_float64_run_keeps_float64_maps_and_is_never_resumed_as_float32(reference_run, tmp_path):
+def test_float64_run_keeps_float64_maps_and_is_never_resumed_as_float32(reference_run, reference_run_float64):
     """--precision=float64: the maps are stored in float64, the summary says so, and the same folder
     refuses a float32 run (and the float32 folder a float64 one)."""
     from experiments.runner import load_records
 
-    out = tmp_path / "f64"
-    summary = run(RunConfig(methods=("sm",), num_images=2, seed=3, batch_size=2, out=str(out), precision="float64"),
-                  progress=False)
+    out = reference_run_float64
+    summary = json.loads((out / "summary.json").read_text())
     assert summary["precision"] == "float64" and summary["flags"]["precision"] == "float64"
     records = load_records(out, "sm")
     assert records["attribution"].dtype == np.float64
