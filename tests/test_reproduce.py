@@ -1,51 +1,87 @@
-"""The reproduction report: the papers' claims are checked against the run's own rows."""
+"""The reproduction report: every claim is a paired comparison with a CI and a verdict, per protocol."""
 
 from __future__ import annotations
 
+import csv
 import json
 
-from experiments.reproduce import write_report
+import numpy as np
+
+from experiments.reproduce import read_scores, write_report
+
+N = 24
 
 
-def _row(insertion: float, deletion: float) -> dict:
-    return {"num_images": 4, "insertion": insertion, "deletion": deletion, "ins_minus_del": insertion - deletion,
-            "dir": deletion / insertion, "seconds_per_image": 1.0}
+def _write_csv(path, rows: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]], with_protocol: bool) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["method", *(["protocol"] if with_protocol else []), "index", "insertion", "deletion"])
+        for (protocol, method), (ins, dele) in rows.items():
+            for i in range(N):
+                writer.writerow([method, *([protocol] if with_protocol else []), 3 * i, ins[i], dele[i]])
 
 
-def _store(results_dir, name: str, rows: dict, iprop_settings: dict | None) -> None:
+def _store(results_dir, name: str, rows: dict, *, protocols: list[str] | None, seeds: dict | None = None) -> None:
     run = results_dir / "reproduction" / name
     run.mkdir(parents=True)
-    summary = {"flags": {"model": "efficientnet_lite0", "data": "samples", "start": 0, "settings": "quick",
-                         "seed": 0, "protocol": "la", "hparams": {}, "iprop_hparams": {}},
-               "resolved": {"iprop": iprop_settings} if iprop_settings else {},
-               "device": {"backend": "cpu", "kind": "cpu", "local_devices": 1}, "versions": {"jax": "x"},
-               "results": rows}
+    flags = {"model": "efficientnet_lite0", "data": "samples", "start": 0, "settings": "quick", "seed": 0,
+             "hparams": {}, "iprop_hparams": {}}
+    flags.update({"protocols": protocols} if protocols else {"protocol": "la"})
+    summary = {"flags": flags, "resolved": {"iprop": {"gamma": 0.99}},
+               "device": {"backend": "cpu", "kind": "cpu", "local_devices": 1}, "versions": {"jax": "x"}}
     (run / "summary.json").write_text(json.dumps(summary))
     (run / "command.txt").write_text(f"python -m experiments.reproduce --name={name}\n")
+    _write_csv(run / "results.csv", rows, with_protocol=protocols is not None)
+    for seed, seed_rows in (seeds or {}).items():
+        _write_csv(run / f"la_seed{seed}.csv", seed_rows, with_protocol=True)
 
 
-def test_claims_follow_the_rows(tmp_path):
-    rows = {"la": _row(0.5, 0.10), "sm": _row(0.2, 0.05), "ig": _row(0.1, 0.08),
-            "la+ctrl": _row(0.4, 0.2), "la+iprop": _row(0.45, 0.2),     # beats its control, not the raw map
-            "sm+ctrl": _row(0.3, 0.1), "sm+iprop": _row(0.27, 0.1),     # beats the raw map, not its control
-            "ig+ctrl": _row(0.2, 0.1), "ig+iprop": _row(0.3, 0.1)}      # beats both
-    _store(tmp_path, "run_a", rows, {"gamma": 0.99})
-    _store(tmp_path, "run_b", {"la": _row(0.1, 0.3), "sm": _row(0.2, 0.05)}, None)
+def test_claims_are_paired_verdicts_per_protocol(tmp_path):
+    rng = np.random.default_rng(0)
+    difficulty = rng.uniform(0.1, 0.5, N)           # shared by every method: cancels in paired differences
+
+    def noise(scale=0.01):
+        return rng.normal(0, scale, N)
+
+    sm = (difficulty, 0.3 * difficulty)
+    la = (difficulty + 0.2 + noise(), 0.3 * difficulty + 0.05 + noise())     # better insertion, worse deletion
+    ig = (difficulty + noise(0.05), 0.3 * difficulty + 0.05 + noise())      # deletion like LA's: inconclusive
+    rows = {}
+    for protocol in ("la", "rise"):
+        rows.update({(protocol, "sm"): sm, (protocol, "la"): la, (protocol, "ig"): ig,
+                     (protocol, "ig+ctrl"): (ig[0] + 0.1 + noise(), ig[1]),
+                     (protocol, "ig+iprop"): (ig[0] + 0.3 + noise(), ig[1]),           # beats raw and control
+                     (protocol, "sm+ctrl"): (sm[0] + noise(0.05), sm[1]),
+                     (protocol, "sm+iprop"): (sm[0] + noise(0.05), sm[1])})            # no real effect
+    seed_rows = {(p, "la"): (difficulty + 0.21 + noise(), la[1]) for p in ("la", "rise")}
+    _store(tmp_path, "run_a", rows, protocols=["la", "rise"], seeds={1: seed_rows, 2: seed_rows})
+    old = {("la", "la"): (difficulty - 0.1 + noise(), 0.3 * difficulty), ("la", "sm"): sm}
+    _store(tmp_path, "run_b", old, protocols=None)
+
     text = write_report(tmp_path).read_text()
     section_a, section_b = text.split("## Run `run_b`")
-    assert "LA has the highest insertion AUC of all methods (LA paper, Table 1, four ImageNet models): reproduces" \
+    assert section_a.count("### Protocol `la`") == 1 and section_a.count("### Protocol `rise`") == 1
+    assert f"LA has the highest insertion AUC of all methods (LA paper, Table 1): **holds** (holds against 2 of 2; " \
+           f"{N} images); across all 3 LA seeds it holds against 2 of 2." in section_a
+    assert "LA has the lowest deletion AUC of all methods (LA paper, Table 1): **does not hold** (holds against 0 " \
+           "of 2; inconclusive against ig; does not hold against sm;" in section_a
+    assert "Against the raw map, IProp raises insertion − deletion for 1 of 2 methods with a CI excluding 0 (ig)" \
         in section_a
-    assert "LA has the lowest deletion AUC of all methods (LA paper, Table 1; in the paper LA is best or close " \
-           "to best): does **not** reproduce" in section_a   # sm deletes better
-    assert "IProp improves insertion − deletion for most methods (IProp paper): reproduces" in section_a  # sm, ig
-    assert "IProp's propagation itself (vs its γ = 0 control, the same per-pixel reward without propagation) " \
-           "improves insertion − deletion for most methods: reproduces" in section_a  # la, ig
-    assert "Against the raw map, IProp raises ins − del for: sm, ig; lowers it for: la." in section_a
-    assert "Against the γ = 0 control, IProp raises ins − del for: la, ig; lowers it for: sm." in section_a
-    assert 'IProp settings in effect: `{"gamma": 0.99}`' in section_a
-    # Rows are ordered method, control, IProp.
-    assert section_a.index("| la+ctrl |") < section_a.index("| la+iprop |") < section_a.index("| sm |")
-    # A run without IProp variants cannot check the IProp claims; LA loses on insertion there.
-    assert "IProp improves insertion − deletion for most methods (IProp paper): not checkable" in section_b
-    assert "LA has the highest insertion AUC of all methods (LA paper, Table 1, four ImageNet models): does " \
-           "**not** reproduce" in section_b
+    assert "Against the γ = 0 control, IProp raises insertion − deletion for 1 of 2 methods with a CI excluding " \
+           "0 (ig)" in section_a
+    assert "LA over 3 seeds (target draws)" in section_a
+    # Rows are ordered method, control, IProp; the CI cell brackets the mean.
+    assert section_a.index("| ig+ctrl |") < section_a.index("| ig+iprop |") < section_a.index("| la |")
+    # An old run without a protocol column is read as protocol la; LA loses there on insertion.
+    assert "### Protocol `la`" in section_b and "### Protocol `rise`" not in section_b
+    assert "LA has the highest insertion AUC of all methods (LA paper, Table 1): **does not hold**" in section_b
+
+
+def test_read_scores_sorts_by_image_and_splits_protocols(tmp_path):
+    ins, dele = np.linspace(0.1, 0.5, N), np.linspace(0.0, 0.1, N)
+    path = tmp_path / "results.csv"
+    _write_csv(path, {("la", "sm"): (ins, dele), ("rise", "sm"): (ins[::-1], dele)}, with_protocol=True)
+    scores = read_scores(path)
+    assert set(scores) == {"la", "rise"}
+    np.testing.assert_array_equal(scores["la"]["sm"].index, 3 * np.arange(N))
+    np.testing.assert_allclose(scores["rise"]["sm"].insertion, ins[::-1])

@@ -82,3 +82,19 @@ def test_bad_samples_are_refused_with_a_clear_message():
         bootstrap_mean_ci([1.0, 2.0], resamples=10)
     with pytest.raises(ValueError, match="claimed_sign"):
         verdict(MeanCI(0, 0, 0, 1), claimed_sign=0)
+
+
+def test_comparisons_pair_the_shared_images_only():
+    from la_iprop.metrics.comparison import Scores, compare, summarize
+
+    a = Scores(index=[5, 1, 3, 7], insertion=[0.5, 0.1, 0.3, 0.9], deletion=[0.1, 0.1, 0.1, 0.1])
+    b = Scores(index=[1, 3, 5], insertion=[0.0, 0.2, 0.4], deletion=[0.2, 0.1, 0.0])
+    result = compare(a, b, resamples=1000)
+    assert result.n == 3
+    assert result.differences["insertion"].mean == pytest.approx(0.1, abs=1e-15)  # image 7 has no partner
+    assert result.differences["deletion"].mean == pytest.approx(0.0, abs=1e-15)
+    assert summarize(a)["dir"].mean == pytest.approx(0.4 / np.sum([0.5, 0.1, 0.3, 0.9]), rel=1e-14)
+    with pytest.raises(ValueError, match="twice"):
+        Scores(index=[1, 1], insertion=[0, 0], deletion=[0, 0])
+    with pytest.raises(ValueError, match="share no image"):
+        compare(a, Scores(index=[2], insertion=[0], deletion=[0]))
