@@ -25,7 +25,6 @@ import argparse
 import dataclasses
 import datetime
 import hashlib
-import itertools
 import json
 import os
 import pathlib
@@ -40,44 +39,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from la_iprop.iprop import REWARD_RULES, IPropConfig, iprop
+from la_iprop.iprop.tuning import GRID, RAW, coarse_points, search, setting_key
 from la_iprop.metrics import auc, get_protocol
+from la_iprop.metrics.statistics import MeanCI, paired_difference_ci, verdict
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_DATA = "la1000:" + str(ROOT.parent / "shared" / "data" / "la1000")
 
-# The grid of issue 8; sigma_s, tol and max_iter stay at the library defaults.
-GRID: dict[str, tuple] = {
-    "k": (4, 8, 16),
-    "radius": (1, 2, 3),
-    "gamma": (0.5, 0.8, 0.9, 0.95, 0.99),
-    "sigma_c": (0.1, 0.3),
-    "color_space": ("rgb", "lab"),
-    "reward": REWARD_RULES,
-}
-RAW = "raw"  # the method's own map, no IProp
 LA_STEP = get_protocol("la").step  # elements per step of protocol ``la``
-
-
-# ----------------------------------------------------------------------------- settings
-def valid(setting: dict[str, Any]) -> bool:
-    return setting["k"] <= (2 * setting["radius"] + 1) ** 2 - 1
-
-
-def full_grid(grid: dict[str, tuple]) -> list[dict[str, Any]]:
-    keys = list(grid)
-    settings = [dict(zip(keys, values, strict=True)) for values in itertools.product(*(grid[k] for k in keys))]
-    return [s for s in settings if valid(s)]
-
-
-def make_config(setting: dict[str, Any]) -> IPropConfig:
-    return IPropConfig().replace(**setting)
-
-
-def setting_key(config: IPropConfig | None) -> str:
-    """Cache key of a variant; gamma = 0 (no propagation) depends only on the reward rule."""
-    if config is None:
-        return RAW
-    return f"g0_{config.reward}" if config.gamma == 0.0 else config.tag()
 
 
 # ----------------------------------------------------------------------------- caching
@@ -253,55 +222,12 @@ def _log(message: str) -> None:
     print(f"[{datetime.datetime.now():%H:%M:%S}] {message}", file=sys.stderr, flush=True)
 
 
-# ----------------------------------------------------------------------------- search
-def search(ablation: Ablation, methods: list[str], split: Split, grid: dict[str, tuple], mode: str,
-           max_passes: int, step: int = LA_STEP) -> dict[str, dict]:
-    """Scores settings on the tuning split; returns {tag: score record} of every setting evaluated."""
-    results: dict[str, dict] = {}
-
-    def score(setting: dict[str, Any]) -> float:
-        config = make_config(setting)
-        if config.tag() not in results:
-            results[config.tag()] = ablation.setting_score(methods, split, config, step)
-        return results[config.tag()]["score"]
-
-    if mode == "full":
-        for setting in full_grid(grid):
-            score(setting)
-        return results
-
-    # Coordinate ascent from the library defaults (where on the grid): best value of one axis at a time.
-    defaults = IPropConfig().as_dict()
-    current = {axis: defaults[axis] if defaults[axis] in values else values[0] for axis, values in grid.items()}
-    if not valid(current):
-        current["k"] = min(v for v in grid["k"])
-    best = score(current)
-    for _ in range(max_passes):
-        changed = False
-        for axis, values in grid.items():
-            for value in values:
-                candidate = {**current, axis: value}
-                if not valid(candidate):
-                    continue
-                s = score(candidate)
-                if s > best + 1e-12:
-                    best, current, changed = s, candidate, True
-        if not changed:
-            break
-    return results
-
-
-def coarse_points(num_points: int, every: int) -> np.ndarray:
-    """Indices of a curve of ``num_points`` that the protocol with ``every`` times the step
-    evaluates: every ``every``-th point, and the last (all units changed)."""
-    return np.unique(np.append(np.arange(0, num_points, every), num_points - 1))
-
-
+# ----------------------------------------------------------------------------- statistics
 def add_paired_statistics(ablation: Ablation, split: Split, variants: dict[str, IPropConfig | None],
                           held: dict[str, dict[str, dict]], coarse: int) -> None:
-    """Adds to each held-out record the standard error of the per-image gain over the raw map
-    (paired: same images) and the ins - del of the same curves sampled at every ``coarse``-th
-    point, i.e. what the tuning protocol would have scored."""
+    """Adds to each held-out record the paired 95% bootstrap CI of the per-image gain in ins - del
+    over the raw map (same images), and the ins - del of the same curves sampled at every
+    ``coarse``-th point, i.e. what the tuning protocol would have scored."""
     for method, rows in held.items():
         per_image = {}
         for name, config in variants.items():
@@ -310,13 +236,23 @@ def add_paired_statistics(ablation: Ablation, split: Split, variants: dict[str, 
             points = coarse_points(ins.shape[1], coarse)
             rows[name]["ins_minus_del_tuning_protocol"] = float(np.mean(auc(ins[:, points]) - auc(dele[:, points])))
         for name in variants:
-            gain = per_image[name] - per_image["raw"]
-            rows[name]["gain_vs_raw_se"] = float(gain.std(ddof=1) / np.sqrt(len(gain))) if len(gain) > 1 else 0.0
+            if name != RAW:
+                rows[name]["gain_vs_raw_ci"] = paired_difference_ci(per_image[name], per_image[RAW]).to_dict()
+        if "ctrl" in per_image and "iprop" in per_image:
+            rows["iprop"]["gain_vs_ctrl_ci"] = paired_difference_ci(per_image["iprop"], per_image["ctrl"]).to_dict()
 
 
 # ----------------------------------------------------------------------------- report
 def _fmt(x: float) -> str:
     return f"{x:.4f}"
+
+
+def _ci_text(ci: dict[str, Any]) -> str:
+    return f"{ci['mean']:+.4f} [{ci['low']:+.4f}, {ci['high']:+.4f}]"
+
+
+def _verdict_text(ci: dict[str, Any]) -> str:
+    return verdict(MeanCI(**ci))
 
 
 def _setting_text(config: dict[str, Any] | None) -> str:
@@ -367,7 +303,8 @@ def write_report(path: pathlib.Path, *, command: str, args: argparse.Namespace, 
         "",
         "`+ctrl` is the γ = 0 control: the chosen reward rule (channel aggregation) without propagation.",
         "",
-        "± is the standard error of the per-image gain in ins − del over the raw map (paired: same images).",
+        "The gain is the mean per-image difference in ins − del over the raw map with its paired 95% bootstrap CI "
+        "(same images).",
         "",
         "| method | variant | insertion ↑ | deletion ↓ | ins − del ↑ | gain vs raw | dir ↓ | ins − del, tuning protocol |",
         "|---|---|---|---|---|---|---|---|",
@@ -378,19 +315,14 @@ def write_report(path: pathlib.Path, *, command: str, args: argparse.Namespace, 
         for variant in ("raw", "ctrl", "iprop"):
             r = rows[variant]
             name = {"raw": method, "ctrl": f"{method}+ctrl", "iprop": f"{method}+iprop"}[variant]
-            gain = r["ins_minus_del"] - rows["raw"]["ins_minus_del"]
-            gain_text = "—" if variant == "raw" else f"{gain:+.4f} ± {r['gain_vs_raw_se']:.4f}"
+            gain_text = "—" if variant == "raw" else _ci_text(r["gain_vs_raw_ci"])
             lines.append(f"| {method} | {name} | {_fmt(r['insertion'])} | {_fmt(r['deletion'])} | "
                          f"{_fmt(r['ins_minus_del'])} | {gain_text} | {_fmt(r['dir'])} | "
                          f"{_fmt(r['ins_minus_del_tuning_protocol'])} |")
-        gain = rows["iprop"]["ins_minus_del"] - rows["raw"]["ins_minus_del"]
-        se = rows["iprop"]["gain_vs_raw_se"]
-        significant = abs(gain) > 2 * se
-        over_ctrl = rows["iprop"]["ins_minus_del"] - rows["ctrl"]["ins_minus_del"]
-        verdicts.append(f"- **{method}**: IProp {'helps' if gain > 0 else 'hurts'} "
-                        f"(ins − del {gain:+.4f} ± {se:.4f} vs the raw map, "
-                        f"{'more' if significant else 'less'} than two standard errors; {over_ctrl:+.4f} vs the "
-                        f"γ = 0 control, i.e. propagation itself {'helps' if over_ctrl > 0 else 'hurts'}).")
+        vs_raw, vs_ctrl = rows["iprop"]["gain_vs_raw_ci"], rows["iprop"]["gain_vs_ctrl_ci"]
+        verdicts.append(f"- **{method}** ({vs_raw['n']} images): IProp raises ins − del over the raw map: "
+                        f"{_verdict_text(vs_raw)} ({_ci_text(vs_raw)}); over the γ = 0 control (propagation itself): "
+                        f"{_verdict_text(vs_ctrl)} ({_ci_text(vs_ctrl)}).")
     lines += ["", "Verdict on the held-out split:", "", *verdicts, ""]
 
     lines += ["## Tuning split: γ = 0 controls and raw maps", "",
@@ -497,7 +429,8 @@ def main(argv: list[str] | None = None) -> dict:
     raw_tune = ablation.setting_score(args.methods, tune, None, step)
     controls_tune = {rule: ablation.setting_score(args.methods, tune, IPropConfig(gamma=0.0, reward=rule), step)
                      for rule in REWARD_RULES}
-    results = search(ablation, args.methods, tune, args.grid, args.search, args.max_passes, step)
+    results = search(lambda config: ablation.setting_score(args.methods, tune, config, step), args.grid,
+                     args.search, args.max_passes)
     best = max(results.values(), key=lambda r: r["score"])
     chosen = best["config"]
     chosen_config = IPropConfig(**chosen)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from experiments import iprop_ablation
+from la_iprop.iprop.tuning import coarse_points
 from la_iprop.metrics import evaluate, get_protocol
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -39,7 +40,7 @@ def test_coarse_protocol_is_the_curve_sampled_at_coarse_points(every):
 
     fine = evaluate(logits, images, maps, protocol=get_protocol("la", step=24))
     coarse = evaluate(logits, images, maps, protocol=get_protocol("la", step=24 * every))
-    points = iprop_ablation.coarse_points(fine.insertion_curves.shape[1], every)
+    points = coarse_points(fine.insertion_curves.shape[1], every)
     np.testing.assert_allclose(coarse.insertion_curves, fine.insertion_curves[:, points], rtol=1e-6)
     np.testing.assert_allclose(coarse.deletion_curves, fine.deletion_curves[:, points], rtol=1e-6)
 
@@ -57,7 +58,9 @@ def test_small_ablation_writes_a_consistent_report(tmp_path):
     best = max(settings.values(), key=lambda r: r["score"])
     assert record["chosen"] == best["config"]
     held = record["heldout"]["sm"]
-    assert held["raw"]["num_images"] == 2 and held["raw"]["gain_vs_raw_se"] == 0.0
+    assert held["raw"]["num_images"] == 2 and held["iprop"]["gain_vs_raw_ci"]["n"] == 2
+    ci = held["iprop"]["gain_vs_raw_ci"]
+    assert ci["mean"] == pytest.approx(held["iprop"]["ins_minus_del"] - held["raw"]["ins_minus_del"], abs=1e-6)
     # The held-out scores use protocol la itself; the tuning-protocol column is the same curves, sampled.
     assert held["iprop"]["ins_minus_del"] != pytest.approx(held["iprop"]["ins_minus_del_tuning_protocol"], abs=1e-9)
     text = out.read_text()
