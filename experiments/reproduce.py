@@ -23,7 +23,7 @@ from absl import app, flags
 
 from experiments.runner import CONTROL_SUFFIX, atomic_write
 from la_iprop.iprop import IPROP_SUFFIX
-from la_iprop.metrics.comparison import METRICS, Comparison, Scores, compare, summarize
+from la_iprop.metrics.comparison import METRICS, Comparison, Scores, compare, exceeds_noise, summarize
 from la_iprop.metrics.statistics import VERDICTS, MeanCI
 
 FLAGS = flags.FLAGS
@@ -106,7 +106,7 @@ def _tally_text(tally: dict[str, list[str]], total: int) -> str:
     return "; ".join(parts)
 
 
-def la_claims(scores: dict[str, Scores], seeds: dict[int, Scores]) -> list[str]:
+def la_claims(scores: dict[str, Scores], seeds: dict[int, Scores], noise: dict[str, float] | None = None) -> list[str]:
     """The LA paper's claims on one protocol: LA beats each baseline (paired CIs), over every seed."""
     if LA not in scores:
         return []
@@ -125,6 +125,11 @@ def la_claims(scores: dict[str, Scores], seeds: dict[int, Scores]) -> list[str]:
             continue
         tally = _tally(group, metric)
         line = f"- {text}: **{_overall(tally)}** ({_tally_text(tally, len(group))}; {group[next(iter(group))].n} images)"
+        if metric == "ins_minus_del" and noise and LA in noise:
+            beyond = [m for m, c in group.items() if m in noise and exceeds_noise(c.differences[metric],
+                                                                                 noise[LA] + noise[m])]
+            line += (f"; beyond the measured float32/seed noise against {len(beyond)} of {len(group)} "
+                     f"({', '.join(beyond) or 'none'})")
         if len(seeds) > 1:
             robust = [m for m in group if all(per_seed[s][m].verdicts[metric] == "holds" for s in seeds)]
             line += f"; across all {len(seeds)} LA seeds it holds against {len(robust)} of {len(group)}"
@@ -179,7 +184,19 @@ def _ci_cell(ci: MeanCI) -> str:
 
 
 # ----------------------------------------------------------------------------- the report
-def _protocol_section(protocol: str, scores: dict[str, Scores], seeds: dict[int, Scores]) -> list[str]:
+def load_noise(results_dir: pathlib.Path) -> dict[str, float]:
+    """Per method, the noise of its ins − del measured by ``experiments.stability`` (protocol la): mean
+    |Δ| between float32 and float64 maps, plus the seed-to-seed mean |Δ| for methods that draw from the key."""
+    path = results_dir / "stability.json"
+    if not path.exists():
+        return {}
+    summaries = json.loads(path.read_text()).get("summaries", {})
+    return {m: s["abs_delta_ins_minus_del"]["mean"] + s.get("seed_abs_delta_ins_minus_del", {"mean": 0.0})["mean"]
+            for m, s in summaries.items()}
+
+
+def _protocol_section(protocol: str, scores: dict[str, Scores], seeds: dict[int, Scores],
+                      noise: dict[str, float]) -> list[str]:
     lines = [f"### Protocol `{protocol}`", "",
              "Means over images with 95% bootstrap CIs (2000 resamples, seeded); dir = mean deletion / mean "
              "insertion.", "",
@@ -194,16 +211,26 @@ def _protocol_section(protocol: str, scores: dict[str, Scores], seeds: dict[int,
                   + ", ".join(f"{v:.4f}" for v in spread) + f" (range {max(spread) - min(spread):.4f}); "
                   "the table above is seed " + str(min(seeds)) + "."]
     if LA in scores and len(_plain(scores)) > 1:
+        with_noise = protocol == "la" and LA in noise
         lines += ["", "LA − baseline on the same images (paired 95% CI; ✓ LA better, CI excludes 0; ✗ LA worse, "
-                  "CI excludes 0; no mark: inconclusive):", "",
-                  "| baseline | images | Δ insertion | Δ deletion | Δ(ins − del) | Δ dir |" +
-                  (" seeds where Δ(ins − del) holds |" if len(seeds) > 1 else ""),
-                  "|---|---:|---:|---:|---:|---:|" + ("---:|" if len(seeds) > 1 else "")]
+                  "CI excludes 0; no mark: inconclusive)"
+                  + (". *Beyond noise*: the CI of Δ(ins − del) clears the two methods' summed float32-rounding "
+                     "and seed noise measured in `results/stability.md` (protocol `la`)" if with_noise else "")
+                  + ":", "",
+                  "| baseline | images | Δ insertion | Δ deletion | Δ(ins − del) | Δ dir |"
+                  + (" beyond noise |" if with_noise else "")
+                  + (" seeds where Δ(ins − del) holds |" if len(seeds) > 1 else ""),
+                  "|---|---:|---:|---:|---:|---:|" + ("---|" if with_noise else "") + ("---:|" if len(seeds) > 1 else "")]
         for m in _plain(scores):
             if m == LA:
                 continue
             comparison = compare(scores[LA], scores[m])
             row = f"| {m} | {comparison.n} | " + " | ".join(_diff_cell(comparison, k) for k in METRICS) + " |"
+            if with_noise:
+                level = noise[LA] + noise[m] if m in noise else None
+                row += (" not measured |" if level is None else
+                        f" {'yes' if exceeds_noise(comparison.differences['ins_minus_del'], level) else 'no'} "
+                        f"(noise {level:.3f}) |")
             if len(seeds) > 1:
                 held = sum(compare(s, scores[m]).verdicts["ins_minus_del"] == "holds" for s in seeds.values())
                 row += f" {held} of {len(seeds)} |"
@@ -214,13 +241,13 @@ def _protocol_section(protocol: str, scores: dict[str, Scores], seeds: dict[int,
                   "excluding 0, ✗ worse):", "",
                   "| method | images | Δ(ins − del) vs raw | Δ dir vs raw | Δ(ins − del) vs ctrl | Δ dir vs ctrl |",
                   "|---|---:|---:|---:|---:|---:|", *iprop_rows]
-    claims = la_claims(scores, seeds) + iprop_lines
+    claims = la_claims(scores, seeds, noise if protocol == "la" else None) + iprop_lines
     if claims:
         lines += ["", "What the evidence supports under this protocol:", "", *claims]
     return lines + [""]
 
 
-def _section(name: str, section_dir: pathlib.Path) -> str:
+def _section(name: str, section_dir: pathlib.Path, noise: dict[str, float]) -> str:
     summary = json.loads((section_dir / "summary.json").read_text())
     command = (section_dir / "command.txt").read_text().strip()
     flags_ = summary["flags"]
@@ -249,7 +276,7 @@ def _section(name: str, section_dir: pathlib.Path) -> str:
             extra = read_scores(f, default_protocol=protocols[0]).get(protocol, {})
             if LA in extra:
                 seeds[int(f.stem.removeprefix("la_seed"))] = extra[LA]
-        lines += _protocol_section(protocol, by_variant, seeds)
+        lines += _protocol_section(protocol, by_variant, seeds, noise)
     for figure in sorted(section_dir.glob("*.png")):
         lines += [f"![{figure.stem}](reproduction/{name}/{figure.name})", ""]
     return "\n".join(lines)
@@ -283,7 +310,8 @@ HEADER = [
 
 
 def write_report(results_dir: pathlib.Path) -> pathlib.Path:
-    sections = [_section(summary.parent.name, summary.parent)
+    noise = load_noise(results_dir)
+    sections = [_section(summary.parent.name, summary.parent, noise)
                 for summary in sorted((results_dir / "reproduction").glob("*/summary.json"))]
     path = results_dir / "REPRODUCTION.md"
     atomic_write(path, lambda f: f.write("\n".join(HEADER + sections) + "\n"))

@@ -242,6 +242,7 @@ def reproduction_against_noise(summaries: dict[str, dict], path: pathlib.Path = 
     between float32 and float64 maps (rounding), plus, for a method that draws from the key, its mean
     |Δ(ins − del)| between seeds. "exceeds the noise" needs the CI to exclude 0 and its nearer end to lie
     beyond the summed noise."""
+    from la_iprop.metrics.comparison import exceeds_noise
     from la_iprop.metrics.statistics import paired_difference_ci
 
     rows = _reproduction_rows(path)
@@ -260,7 +261,7 @@ def reproduction_against_noise(summaries: dict[str, dict], path: pathlib.Path = 
         elif noise is None:
             status = "noise not measured"
         else:
-            status = "exceeds the noise" if min(abs(ci.low), abs(ci.high)) > noise else "within the noise"
+            status = "exceeds the noise" if exceeds_noise(ci, noise) else "within the noise"
         out.append({"comparison": f"la − {other}", "n": ci.n, "difference": ci.to_dict(), "noise": noise,
                     "status": status})
     return out

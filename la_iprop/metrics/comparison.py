@@ -23,7 +23,7 @@ from la_iprop.metrics.statistics import (
     verdict,
 )
 
-__all__ = ["Scores", "METRICS", "summarize", "compare", "Comparison"]
+__all__ = ["Scores", "METRICS", "summarize", "compare", "Comparison", "exceeds_noise"]
 
 # Each metric and the sign of "better": higher insertion, lower deletion, ...
 METRICS: dict[str, int] = {"insertion": 1, "deletion": -1, "ins_minus_del": 1, "dir": -1}
@@ -96,3 +96,10 @@ def compare(a: Scores, b: Scores, **bootstrap: Any) -> Comparison:
         "dir": paired_ratio_difference_ci(a.deletion, a.insertion, b.deletion, b.insertion, **bootstrap),
     }
     return Comparison(differences, {m: verdict(ci, METRICS[m]) for m, ci in differences.items()})
+
+
+def exceeds_noise(difference: MeanCI, noise: float) -> bool:
+    """Whether a paired difference is larger than a measured noise level: its CI excludes 0 and the
+    CI's end nearer to 0 lies beyond ``noise`` (e.g. the summed float32-rounding and seed-to-seed
+    spread of the two methods' scores, ``results/stability.md``)."""
+    return difference.excludes_zero() and min(abs(difference.low), abs(difference.high)) > noise
