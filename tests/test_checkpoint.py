@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import pathlib
 import pickle
+import sys
 import zipfile
 
 import numpy as np
@@ -11,6 +13,8 @@ import torch
 
 from la_iprop.models import CheckpointError, load_state_dict
 from la_iprop.models.zoo import EMBEDDED_LITE0_CHECKPOINT
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # tests/hostile_checkpoints.py
 
 
 def test_reads_embedded_legacy_checkpoint_like_torch():
@@ -139,3 +143,47 @@ def test_zip_with_missing_storage_is_reported(tmp_path):
                 dst.writestr(item, src.read(item.filename))
     with pytest.raises(CheckpointError, match="missing"):
         load_state_dict(broken)
+
+
+def test_broadcast_tied_and_reinterpreted_views_load_like_torch(tmp_path):
+    """Legitimate views the hardened reader must keep accepting: expand (stride 0), tied weights,
+    strided slices, zero-size tensors; results are C-contiguous writable copies."""
+    base = torch.randn(4, 3)
+    state = {
+        "expanded": torch.arange(3.0).expand(5, 3),            # stride (0, 1)
+        "position_ids": torch.arange(8).expand((1, -1)),      # HF-style buffer
+        "tied_a": base, "tied_b": base.detach(),               # one storage, two tensors
+        "column": base[:, 1],                                  # stride 3, offset 1
+        "empty": torch.zeros(0, 7),
+        "bf16_expanded": torch.randn(1).bfloat16().expand(4),
+    }
+    path = tmp_path / "views.pth"
+    torch.save(state, path)
+    ours = load_state_dict(path)
+    assert list(ours) == list(state)
+    for name, tensor in state.items():
+        expected = tensor.float().numpy() if tensor.dtype == torch.bfloat16 else tensor.numpy()
+        np.testing.assert_array_equal(ours[name], expected, err_msg=name)
+        assert ours[name].shape == tuple(tensor.shape) and ours[name].flags.c_contiguous and ours[name].flags.writeable
+    assert not np.shares_memory(ours["tied_a"], ours["tied_b"])
+
+
+def test_build_cannot_change_the_reader(tmp_path):
+    """A crafted BUILD on an allowed rebuild function is refused, and the next load is unaffected."""
+    import hostile_checkpoints as hc
+
+    build = hc.pickle_bytes(hc.p_global("torch._utils", "_rebuild_tensor_v2") + b"N"
+                            + hc.p_dict([(hc.p_str("__defaults__"), hc.p_tuple(hc.p_int(1)))]) + b"\x86b")
+    with pytest.raises(CheckpointError, match="refusing BUILD"):
+        load_state_dict(hc.write_zip(tmp_path / "build.pth", build, {}))
+    path = tmp_path / "ok.pth"
+    torch.save({"w": torch.arange(6.0).reshape(2, 3)}, path)
+    np.testing.assert_array_equal(load_state_dict(path)["w"], np.arange(6.0).reshape(2, 3))
+
+
+def test_limits_are_documented_module_constants():
+    from la_iprop.models import checkpoint
+
+    for name in ("MAX_TOTAL_BYTES", "MAX_INFLATION", "MAX_VIEW_AMPLIFICATION", "VIEW_SLACK_BYTES",
+                 "MAX_PICKLE_BYTES", "MAX_PICKLE_OPS", "MAX_PICKLE_STACK", "MAX_NESTING", "MAX_NDIM"):
+        assert isinstance(getattr(checkpoint, name), int) and name in checkpoint.__doc__

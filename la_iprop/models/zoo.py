@@ -15,7 +15,7 @@ import numpy as np
 from flax import serialization, struct, traverse_util
 
 from la_iprop.checks import check_images
-from la_iprop.models.checkpoint import CheckpointError, load_state_dict
+from la_iprop.models.checkpoint import CheckpointError, check_finite, load_state_dict, read_msgpack_tree
 from la_iprop.models.convert import ConversionError, torch_to_flax
 
 __all__ = ["ModelFn", "ModelSpec", "register_model", "available_models", "load_model",
@@ -117,28 +117,44 @@ def save_flax_checkpoint(model_fn: ModelFn, path: str | os.PathLike) -> None:
 
 
 def read_flax_checkpoint(path: str | os.PathLike, template: Any, *, architecture: str) -> dict:
-    """Variables of a checkpoint written by :func:`save_flax_checkpoint`, checked against ``template``."""
-    with open(path, "rb") as f:
-        try:
-            payload = serialization.msgpack_restore(f.read())
-        except Exception as err:  # noqa: BLE001 - any decoding failure means "not our format"
-            raise CheckpointError(f"{path}: not a msgpack Flax checkpoint ({err})") from err
+    """Variables of a checkpoint written by :func:`save_flax_checkpoint`, checked against ``template``.
+
+    The file is decoded by :func:`~la_iprop.models.checkpoint.read_msgpack_tree` (bounded
+    sizes and nesting, string keys, exact array byte counts); every problem is a
+    one-line :class:`CheckpointError` naming the file (a :class:`ConversionError` when
+    the file is well-formed but holds another model's variables).
+    """
+    payload = read_msgpack_tree(path)
     if not isinstance(payload, dict) or payload.get("format") != _FLAX_CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not a la_iprop Flax checkpoint (written by scripts/convert_weights.py)")
-    if payload.get("model") != architecture:
-        raise ConversionError(f"{path} holds variables of {payload.get('model')!r}, not {architecture!r}")
-    found = traverse_util.flatten_dict(payload["variables"])
+    model = payload.get("model")
+    if model != architecture:
+        shown = repr(model[:80]) if isinstance(model, str) else type(model).__name__
+        raise ConversionError(f"{path} holds variables of {shown}, not {architecture!r}")
+    if not isinstance(payload.get("variables"), dict):
+        raise CheckpointError(f"{path}: not a la_iprop Flax checkpoint (no 'variables' tree)")
+    found = traverse_util.flatten_dict(payload["variables"])  # string keys, depth <= MAX_NESTING: checked
     expected = traverse_util.flatten_dict(dict(template))
-    missing = [("/".join(k), tuple(v.shape)) for k, v in expected.items() if k not in found]
-    unexpected = ["/".join(k) for k in found if k not in expected]
-    misshaped = [f"{'/'.join(k)}: checkpoint {tuple(np.shape(found[k]))}, {architecture} expects {tuple(v.shape)}"
-                 for k, v in expected.items() if k in found and tuple(np.shape(found[k])) != tuple(v.shape)]
+
+    def show(key):
+        name = "/".join(key)
+        return name if len(name) <= 120 else name[:120] + "..."
+
+    not_arrays = [show(k) for k, v in found.items() if not isinstance(v, np.ndarray)]
+    if not_arrays:
+        raise CheckpointError(f"{path}: {len(not_arrays)} variable(s) are not arrays: " + "; ".join(not_arrays[:20]))
+    missing = [(show(k), tuple(v.shape)) for k, v in expected.items() if k not in found]
+    unexpected = [show(k) for k in found if k not in expected]
+    misshaped = [f"{show(k)}: checkpoint {tuple(found[k].shape)} {found[k].dtype}, {architecture} expects "
+                 f"{tuple(v.shape)} {v.dtype}" for k, v in expected.items() if k in found and (
+                     tuple(found[k].shape) != tuple(v.shape)
+                     or jnp.issubdtype(found[k].dtype, jnp.floating) != jnp.issubdtype(v.dtype, jnp.floating))]
     if missing or unexpected or misshaped:
-        lines = [f"{path} does not match {architecture}:"]
+        parts = [f"{path} does not match {architecture}:"]
         for title, items in (("missing", missing), ("mis-shaped", misshaped), ("unexpected", unexpected)):
             if items:
-                lines.append(f"  {len(items)} {title} variable(s): " + "; ".join(map(str, items[:20])))
-        raise ConversionError("\n".join(lines))
+                parts.append(f"{len(items)} {title} variable(s): " + "; ".join(map(str, items[:20])))
+        raise ConversionError(" ".join(parts))
     return traverse_util.unflatten_dict({k: jnp.asarray(found[k], v.dtype) for k, v in expected.items()})
 
 
@@ -178,7 +194,8 @@ def torchvision_checkpoint(filename: str) -> str | None:
     return None
 
 
-def load_model(name: str, weights: str | os.PathLike | dict | None = None) -> ModelFn:
+def load_model(name: str, weights: str | os.PathLike | dict | None = None, *,
+               allow_nonfinite: bool = False) -> ModelFn:
     """Builds a registered classifier.
 
     ``weights`` is a PyTorch checkpoint path, a Flax checkpoint written by
@@ -186,6 +203,9 @@ def load_model(name: str, weights: str | os.PathLike | dict | None = None) -> Mo
     for the model's default (embedded, or found in the torchvision cache). A model with
     no weights available is an error naming the file to get; random weights are never
     used silently.
+
+    Weights holding NaN or Inf are refused with a :class:`CheckpointError` naming the
+    variables, unless ``allow_nonfinite=True`` (research on broken models).
     """
     if name not in _MODELS:
         raise ValueError(f"unknown model {name!r}; registered models: {', '.join(available_models())}")
@@ -196,7 +216,12 @@ def load_model(name: str, weights: str | os.PathLike | dict | None = None) -> Mo
             raise FileNotFoundError(f"no weights for model {name!r}: {spec.weights_hint}")
     if isinstance(weights, (str, os.PathLike)) and not os.path.isfile(weights):
         raise FileNotFoundError(f"weights file for model {name!r} not found: {weights}")
-    return spec.build(weights)
+    model_fn = spec.build(weights)
+    if not allow_nonfinite:
+        source = os.fspath(weights) if isinstance(weights, (str, os.PathLike)) else "the given state dict"
+        flat = traverse_util.flatten_dict(dict(model_fn.variables), sep="/")
+        check_finite(flat, f"{name}: {source}")
+    return model_fn
 
 
 def read_weights(weights: str | os.PathLike | dict) -> dict[str, np.ndarray]:
