@@ -46,12 +46,13 @@ def check_images(images: Any, name: str = "images", *, check_range: bool = True)
         raise ValueError(f"{name} must hold at least one image, got shape {images.shape}")
     if not jnp.issubdtype(images.dtype, jnp.floating):
         raise ValueError(f"{name} must be floating point with values in [0, 1], got dtype {images.dtype}")
-    if check_range and not _is_traced(images):
-        lo, hi = float(jnp.min(images)), float(jnp.max(images))
-        if not (np.isfinite(lo) and np.isfinite(hi)):
-            raise ValueError(f"{name} contains NaN or infinite values")
-        if lo < 0.0 or hi > 1.0:
-            raise ValueError(f"{name} must have values in [0, 1], got range [{lo:.4g}, {hi:.4g}]")
+    if not _is_traced(images):
+        # isfinite, not min/max: XLA:CPU's vectorised min/max reductions drop NaN on large arrays (>= 64x64).
+        _check_finite_values(images, name, "finite pixel values in [0, 1]")
+        if check_range:
+            lo, hi = float(jnp.min(images)), float(jnp.max(images))
+            if lo < 0.0 or hi > 1.0:
+                raise ValueError(f"{name} must have values in [0, 1], got range [{lo:.4g}, {hi:.4g}]")
     return images.astype(float_dtype())
 
 
@@ -67,7 +68,8 @@ def check_labels(labels: Any, batch: int, num_classes: int | None = None, name: 
     if num_classes is not None and not _is_traced(labels):
         lo, hi = int(jnp.min(labels)), int(jnp.max(labels))
         if lo < 0 or hi >= num_classes:
-            raise ValueError(f"{name} must be class indices in [0, {num_classes}), got range [{lo}, {hi}]")
+            raise ValueError(f"{name} must be class indices in [0, {num_classes}) (the model has {num_classes} "
+                             f"classes), got range [{lo}, {hi}]")
     return labels.astype(jnp.int32)
 
 
@@ -81,9 +83,31 @@ def check_like(array: Any, reference: jax.Array, name: str, reference_name: str 
     return array
 
 
-def check_finite(array: jax.Array, name: str) -> None:
-    if not _is_traced(array) and not bool(jnp.all(jnp.isfinite(array))):
-        raise ValueError(f"{name} contains NaN or infinite values")
+def check_finite(array: Any, name: str, expected: str = "finite values") -> None:
+    """Refuses NaN or infinite entries (concrete arrays only: under tracing there is nothing to look at).
+
+    Uses an explicit ``isfinite`` reduction: ``min``/``max`` do not propagate NaN on XLA:CPU for large arrays.
+    A numpy array is checked as given (before any conversion to the working float type).
+    """
+    if not _is_traced(array):
+        _check_finite_values(array if isinstance(array, np.ndarray) else jnp.asarray(array), name, expected)
+
+
+def _check_finite_values(array: Any, name: str, expected: str) -> None:
+    xp = np if isinstance(array, np.ndarray) else jnp
+    if not xp.issubdtype(array.dtype, xp.inexact):
+        return  # integers and booleans are always finite
+    bad = int(xp.sum(~xp.isfinite(array)))
+    if bad:
+        kinds = [kind for kind, present in (("NaN", bool(xp.any(xp.isnan(array)))),
+                                             ("infinite", bool(xp.any(xp.isinf(array))))) if present]
+        where = ""
+        if array.ndim >= 1 and array.shape[0] > 1:
+            rows = np.flatnonzero(~np.asarray(xp.isfinite(array)).reshape(array.shape[0], -1).all(axis=1))
+            shown = ", ".join(str(i) for i in rows[:5]) + (", ..." if rows.size > 5 else "")
+            where = f", in batch item(s) [{shown}]"
+        raise ValueError(f"{name} contains {' and '.join(kinds) or 'NaN or infinite'} values ({bad} of {array.size} "
+                         f"entries{where}); expected {expected}")
 
 
 def _check_number(name: str, value: Any) -> None:

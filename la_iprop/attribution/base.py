@@ -15,6 +15,7 @@ images and the kernel in float64 with JAX's x64 mode scoped to the call.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import inspect
 from typing import Any, Callable, Mapping
@@ -24,10 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from la_iprop.checks import check_images, check_labels
-from la_iprop.precision import cast_floats, with_precision
+from la_iprop.precision import cast_floats, float_dtype, with_precision
 
 __all__ = ["MethodSpec", "register_method", "get_method", "available_methods", "as_pytree_fn",
-           "prepare_inputs", "check_logits_follow_precision", "class_probability", "method_hparams", "split_per_image", "check_target_classes", "num_classes_of"]
+           "prepare_inputs", "check_logits", "check_logits_follow_precision", "model_label", "class_probability", "method_hparams", "split_per_image", "check_target_classes", "num_classes_of"]
 
 
 def as_pytree_fn(logit_fn: Callable) -> Callable:
@@ -54,13 +55,22 @@ def prepare_inputs(logit_fn: Callable, images: Any, labels: Any, *, key: Any = N
 
     The classifier's floating weights (a :class:`~la_iprop.models.ModelFn`'s variables) and the
     images come back in the working float type of the call (float64 inside a float64 call).
+    Checked before any kernel is traced: images (rank, channels, dtype, finite, in [0, 1]); the
+    classifier's output for them (``[batch, num_classes]`` floating logits, found abstractly by
+    ``jax.eval_shape``, no forward pass); labels (one integer per image, in ``[0, num_classes)``
+    with ``num_classes`` the logits' width, for any callable); with ``labels=None`` the logits of
+    the prediction forward must be finite; the key.
     """
+    model = logit_fn
     logit_fn = cast_floats(as_pytree_fn(logit_fn))
     images = check_images(images)
-    check_logits_follow_precision(logit_fn, images)
+    num_classes = check_logits(logit_fn, images, model=model)
     if labels is None:
-        labels = _predict(logit_fn, images)
-    num_classes = getattr(logit_fn, "num_classes", None)
+        labels, finite = _predict(logit_fn, images)
+        if not isinstance(finite, jax.core.Tracer) and not bool(jnp.all(finite)):
+            rows = np.flatnonzero(~np.asarray(finite))
+            raise ValueError(f"{model_label(model)} returned NaN or infinite logits for images {rows[:5].tolist()} "
+                             "(labels=None: the class to explain is the prediction); expected finite logits")
     labels = check_labels(labels, images.shape[0], num_classes)
     if need_key:
         if key is None:
@@ -76,35 +86,109 @@ def prepare_inputs(logit_fn: Callable, images: Any, labels: Any, *, key: Any = N
     return logit_fn, images, labels, key
 
 
+def model_label(logit_fn: Callable) -> str:
+    """``logit_fn`` named for error messages: ``logit_fn 'efficientnet_lite0'`` (a ModelFn's name) or the function's."""
+    fn = logit_fn.func if isinstance(logit_fn, jax.tree_util.Partial) else logit_fn
+    name = getattr(fn, "name", None)
+    if not isinstance(name, str):
+        name = getattr(fn, "__name__", None) or type(fn).__name__
+    return f"logit_fn {name!r}"
+
+
+_LOGITS_CACHE: collections.OrderedDict = collections.OrderedDict()
+_LOGITS_CACHE_SIZE = 16
+
+
+def _logits_shape(logit_fn: Callable, images: jax.Array) -> Any:
+    """``jax.eval_shape`` of ``logit_fn`` on the batch (abstract: no forward), cached by the classifier's
+    structure (static part, weight shapes) and the images' shape: tracing Lite0 costs ~0.5 s on CPU."""
+    spec = jax.ShapeDtypeStruct(images.shape, images.dtype)
+    leaves, treedef = jax.tree_util.tree_flatten(logit_fn)
+    try:
+        key = (treedef, tuple((getattr(x, "shape", None), str(getattr(x, "dtype", type(x)))) for x in leaves),
+               spec.shape, str(spec.dtype), str(float_dtype()))
+        hash(key)
+    except TypeError:  # an unhashable static part: no caching
+        key = None
+    if key is not None and key in _LOGITS_CACHE:
+        _LOGITS_CACHE.move_to_end(key)
+        return _LOGITS_CACHE[key]
+    out = jax.eval_shape(logit_fn, spec)
+    if key is not None:
+        _LOGITS_CACHE[key] = out
+        while len(_LOGITS_CACHE) > _LOGITS_CACHE_SIZE:
+            _LOGITS_CACHE.popitem(last=False)
+    return out
+
+
+_FLOAT64_HINT = ("with precision='float64' the classifier must compute in float64: pass a la_iprop ModelFn (its "
+                 "weights are cast for the call) or a function whose weights follow the input dtype "
+                 "(e.g. w.astype(images.dtype))")
+
+
+def check_logits(logit_fn: Callable, images: jax.Array, *, model: Callable | None = None) -> int:
+    """The classifier's output for ``images`` must be floating logits ``[batch, num_classes]``; returns ``num_classes``.
+
+    Found with ``jax.eval_shape`` (no forward pass), so a wrong output (1-D logits, another batch
+    size, integer scores, a tuple) is one clear error naming the model instead of a trace error
+    inside a kernel. In a float64 call the logits must be float64 (see
+    :func:`check_logits_follow_precision`). A classifier with an integer ``num_classes`` attribute
+    (a :class:`~la_iprop.models.ModelFn`) must agree with its logits' width. ``model``: the
+    callable as the user passed it (for the name in messages; default ``logit_fn``).
+    """
+    label = model_label(model if model is not None else logit_fn)
+    float64 = images.dtype == jnp.float64
+    try:
+        out = _logits_shape(logit_fn, images)
+    except TypeError as err:
+        if not float64:
+            raise
+        raise TypeError(f"{label} failed on float64 images ({str(err).splitlines()[0]}); {_FLOAT64_HINT}") from None
+    batch = images.shape[0]
+    expected = f"[batch, num_classes] = [{batch}, num_classes] for images of shape {tuple(images.shape)}"
+    if not (hasattr(out, "shape") and hasattr(out, "dtype")):
+        kind = type(out).__name__
+        raise TypeError(f"{label} must return one array of logits {expected}, got a {kind}: "
+                        f"{jax.tree_util.tree_map(lambda x: tuple(x.shape), out)}")
+    if float64 and out.dtype != jnp.float64 and jnp.issubdtype(out.dtype, jnp.floating):
+        raise TypeError(f"{label} returned {out.dtype} logits for float64 images; {_FLOAT64_HINT}")
+    if not jnp.issubdtype(out.dtype, jnp.floating):
+        raise TypeError(f"{label} must return floating-point logits {expected}, got dtype {out.dtype}")
+    if out.ndim != 2 or out.shape[0] != batch or out.shape[1] < 1:
+        hint = ""
+        if out.ndim < 2:
+            hint = " (rank < 2: did it drop the batch axis or reduce over classes?)"
+        elif out.ndim == 2 and out.shape[0] != batch:
+            hint = " (a different batch size: it must return one row of logits per image)"
+        raise ValueError(f"{label} must return logits of shape {expected}, got shape {tuple(out.shape)}{hint}")
+    width = int(out.shape[1])
+    declared = getattr(model if model is not None else logit_fn, "num_classes", None)
+    if isinstance(declared, int) and not isinstance(declared, bool) and declared != width:
+        raise ValueError(f"{label} declares num_classes={declared} but returns {width} logits per image")
+    return width
+
+
 def check_logits_follow_precision(logit_fn: Callable, images: jax.Array) -> None:
     """In a float64 call the classifier must compute in float64: a plain function whose weights are
     float32 constants fails (lax ops refuse mixed dtypes) or returns float32 logits (silently float32).
-    Both become one clear error. A :class:`~la_iprop.models.ModelFn` always passes (its weights are cast)."""
-    if images.dtype != jnp.float64:
-        return
-    hint = ("with precision='float64' the classifier must compute in float64: pass a la_iprop ModelFn (its "
-            "weights are cast for the call) or a function whose weights follow the input dtype "
-            "(e.g. w.astype(images.dtype))")
-    try:
-        logits = jax.eval_shape(logit_fn, images[:1])
-    except TypeError as err:
-        raise TypeError(f"logit_fn failed on float64 images ({str(err).splitlines()[0]}); {hint}") from None
-    if getattr(logits, "dtype", None) != jnp.float64:
-        raise TypeError(f"logit_fn returned {getattr(logits, 'dtype', type(logits).__name__)} logits for float64 "
-                        f"images; {hint}")
+    Both become one clear error. A :class:`~la_iprop.models.ModelFn` always passes (its weights are cast).
+    (Part of :func:`check_logits`, which also checks the logits' shape.)"""
+    check_logits(logit_fn, images)
 
 
 @jax.jit
 def _predict(logit_fn, images):
-    return jnp.argmax(logit_fn(images), axis=-1).astype(jnp.int32)
+    logits = logit_fn(images)
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32), jnp.all(jnp.isfinite(logits), axis=-1)
 
 
 def num_classes_of(logit_fn: Callable, images: jax.Array) -> int:
     """The classifier's number of classes (its ``num_classes`` or the width of its logits)."""
     count = getattr(logit_fn, "num_classes", None)
-    if isinstance(count, int):
+    if isinstance(count, int) and not isinstance(count, bool):
         return count
-    return int(jax.eval_shape(logit_fn, images[:1]).shape[-1])
+    out = _logits_shape(logit_fn, images)
+    return int(out.shape[-1])
 
 
 def check_target_classes(target_classes: Any, batch: int, num_targets: int, num_classes: int,

@@ -32,6 +32,7 @@ whose row of ``P`` the edge is in) and ``receivers`` the neighbour, both of leng
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -39,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from la_iprop.checks import check_finite
 from la_iprop.iprop.defaults import (
     DEFAULT_COLOR_SPACE,
     DEFAULT_K,
@@ -49,7 +51,8 @@ from la_iprop.iprop.defaults import (
 )
 from la_iprop.precision import float_dtype
 
-__all__ = ["PixelGraph", "knn_graph", "rgb_to_lab", "color_features", "window_candidates", "to_dense"]
+__all__ = ["PixelGraph", "knn_graph", "rgb_to_lab", "color_features", "window_candidates", "to_dense",
+           "check_bandwidths"]
 
 
 class PixelGraph(NamedTuple):
@@ -148,8 +151,32 @@ def knn_graph(image: jax.Array, *, k: int = DEFAULT_K, radius: int = DEFAULT_RAD
     if image.ndim != 3 or image.shape[-1] != 3:
         raise ValueError(f"image must have shape [height, width, 3] (one HWC image), got {image.shape}")
     window_candidates(image.shape[0], image.shape[1], radius)  # checks the size before tracing
+    check_finite(image, "image", "finite pixel values in [0, 1]")   # eager calls (traced: nothing to look at)
+    check_bandwidths(radius, sigma_s, sigma_c, color_space, float_dtype())
     return _knn_graph(image, k=k, radius=radius, sigma_s=float(sigma_s), sigma_c=float(sigma_c),
                       color_space=color_space)
+
+
+# Largest squared colour distance between two pixels of [0, 1] images: RGB 3; CIELab / 100 about 8.5
+# (L in [0, 1], a in [-0.87, 0.99], b in [-1.08, 0.95] over the sRGB cube), rounded up.
+_MAX_COLOR_D2 = {"rgb": 3.0, "lab": 9.0}
+
+
+def check_bandwidths(radius: int, sigma_s: float, sigma_c: float, color_space: str, dtype) -> None:
+    """The distances ``d^2 = |dpos|^2 / sigma_s^2 + |dcol|^2 / sigma_c^2`` must stay finite in ``dtype``.
+
+    An overflow to ``inf`` for every candidate of a pixel would make its row of ``P`` 0/0 (NaN), so
+    bandwidths that small are refused (each term is kept below a quarter of the largest float).
+    Spatial offsets in a clamped window reach ``2R`` per axis (``8 R^2`` squared).
+    """
+    limit = float(np.finfo(dtype).max) / 4
+    for name, sigma, largest, what in (("sigma_s", sigma_s, 8.0 * radius ** 2, "spatial offsets"),
+                                       ("sigma_c", sigma_c, _MAX_COLOR_D2.get(color_space, 9.0), "colour differences")):
+        if largest / float(sigma) / float(sigma) > limit:
+            smallest = math.sqrt(largest / limit)
+            raise ValueError(f"{name}={sigma:g} is too small for {np.dtype(dtype).name}: squared {what} (up to "
+                             f"{largest:g}) / {name}**2 overflow, every pixel-graph weight would underflow to 0 "
+                             f"and IProp would be NaN; use {name} >= {smallest:.2g}")
 
 
 @functools.partial(jax.jit, static_argnames=("k", "radius", "sigma_s", "sigma_c", "color_space"))

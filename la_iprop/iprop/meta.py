@@ -13,13 +13,14 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from la_iprop.checks import check_finite, check_images, check_int_at_least
 from la_iprop.iprop.defaults import IPropConfig
-from la_iprop.iprop.graph import knn_graph
+from la_iprop.iprop.graph import check_bandwidths, knn_graph
 from la_iprop.iprop.propagate import propagate, reward_from_attribution
-from la_iprop.precision import with_precision
+from la_iprop.precision import float_dtype, with_precision
 
 __all__ = ["iprop", "iprop_single", "with_iprop", "iprop_name", "parse_iprop_name", "default_chunk_size",
            "IPROP_SUFFIX"]
@@ -28,15 +29,44 @@ IPROP_SUFFIX = "+iprop"
 
 
 def iprop_single(image: jax.Array, attribution: jax.Array, config: IPropConfig) -> tuple[jax.Array, jax.Array]:
-    """IProp for ONE image ``[H, W, 3]`` and its attribution ``[H, W, C]``: ``(V [H, W], iterations)``."""
-    reward = reward_from_attribution(attribution, config.reward)
+    """IProp for ONE image ``[H, W, 3]`` and its attribution ``[H, W, C]``: ``(V [H, W], iterations)``.
+
+    ``V`` is positively homogeneous in the attribution (every reward rule is, and
+    ``V = (I - gamma P)^{-1} r`` is linear in ``r``; the stopping rule is relative to ``max|r|``), so the
+    attribution is divided by a power of two ``s`` near its largest magnitude before the reward and ``V``
+    is multiplied by ``s`` after: exact in floating point (a power-of-two scaling only moves exponents),
+    so the result equals the unscaled computation, but the channel sums and the iteration (values up to
+    ``max|r| / (1 - gamma)``) work on magnitudes near 1: only a final ``V * s`` beyond the float range is
+    left non-finite (and refused by :func:`iprop`).
+    """
+    attribution = jnp.asarray(attribution, float_dtype())
+    scale, inverse = _power_of_two_near_max(attribution)
+    reward = reward_from_attribution(attribution * inverse, config.reward)
     if config.gamma == 0.0:  # the control: channel aggregation only, no graph needed
-        return reward, jnp.ones((), jnp.int32)
+        return reward * scale, jnp.ones((), jnp.int32)
     graph = knn_graph(image, k=config.k, radius=config.radius, sigma_s=config.sigma_s, sigma_c=config.sigma_c,
                       color_space=config.color_space)
     # radius: P V by shifted copies (window_matvec), the faster of the two equal forms on CPU.
-    return propagate(graph, reward, gamma=config.gamma, tol=config.tol, max_iter=config.max_iter,
-                     radius=config.radius)
+    values, iterations = propagate(graph, reward, gamma=config.gamma, tol=config.tol, max_iter=config.max_iter,
+                                   radius=config.radius)
+    return values * scale, iterations
+
+
+def _power_of_two_near_max(array: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(2**e, 2**-e)`` with ``2**e <= max|array| < 2**(e+1)``, built from the exponent bits (so exactly powers of
+    two), ``e`` clipped so that both are normal numbers (a zero or subnormal maximum: the smallest such ``e``)."""
+    dtype = array.dtype
+    finfo = jnp.finfo(dtype)
+    int_dtype = jnp.int64 if dtype == jnp.float64 else jnp.int32
+    bias, mantissa_bits = int(finfo.maxexp) - 1, int(finfo.nmant)
+    peak = jnp.max(jnp.abs(array))
+    exponent = (lax.bitcast_convert_type(peak, int_dtype) >> mantissa_bits) - bias   # |peak| >= 0: no sign bit
+    exponent = jnp.clip(exponent, int(finfo.minexp), bias - 1)
+
+    def power(e):
+        return lax.bitcast_convert_type((e + bias) << mantissa_bits, dtype)
+
+    return power(exponent), power(-exponent)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "chunk_size"))
@@ -59,18 +89,44 @@ def default_chunk_size() -> int:
 
 
 def _check_attributions(attributions: Any, images: jax.Array) -> jax.Array:
+    """``[B, H, W, C]`` with ``C`` = 3 (the images' channels) or 1 (a per-pixel map, also given as ``[B, H, W]``)."""
     if not hasattr(attributions, "shape"):
         raise TypeError(f"attributions must be an array, got {type(attributions).__name__}")
+    given = attributions
     attributions = jnp.asarray(attributions)
     if attributions.shape == images.shape[:3]:  # already one score per pixel
         attributions = attributions[..., None]
-    if attributions.shape != images.shape:
+    if attributions.shape not in (images.shape, images.shape[:3] + (1,)):
         raise ValueError(f"attributions must have the shape of images {tuple(images.shape)} (or "
-                         f"{tuple(images.shape[:3])} for per-pixel maps), got {tuple(attributions.shape)}")
-    if not jnp.issubdtype(attributions.dtype, jnp.floating):
-        raise ValueError(f"attributions must be floating point, got dtype {attributions.dtype}")
-    check_finite(attributions, "attributions")
-    return attributions.astype(images.dtype)
+                         f"{tuple(images.shape[:3])} / {tuple(images.shape[:3]) + (1,)} for per-pixel maps), "
+                         f"got {tuple(attributions.shape)}")
+    if not (jnp.issubdtype(attributions.dtype, jnp.floating) or jnp.issubdtype(attributions.dtype, jnp.integer)):
+        raise ValueError(f"attributions must be real numbers, got dtype {attributions.dtype}")
+    check_finite(given if isinstance(given, np.ndarray) else attributions, "attributions", "finite scores")
+    attributions = attributions.astype(images.dtype)
+    check_finite(attributions, "attributions", f"scores that fit in {images.dtype} (the working float type)")
+    return attributions
+
+
+def _check_values(values: jax.Array, attributions: jax.Array, config: IPropConfig) -> None:
+    """Eager calls: refuse non-finite IProp values, naming the likely cause."""
+    if isinstance(values, jax.core.Tracer):
+        return
+    finite = np.asarray(jnp.all(jnp.isfinite(values), axis=(1, 2)))
+    if finite.all():
+        return
+    rows = np.flatnonzero(~finite)
+    peak = float(np.max(np.abs(np.asarray(attributions[rows]), dtype=np.float64)))
+    gain = attributions.shape[-1] / (1.0 - config.gamma)   # |r| <= C max|a| for every rule, |V| <= max|r| / (1 - gamma)
+    dtype = values.dtype
+    if peak * gain > float(jnp.finfo(dtype).max) / 2:
+        cause = (f"attribution magnitudes up to {peak:.3g} give values up to ~{peak * gain:.3g} "
+                 f"(channels x max|a| / (1 - gamma)), beyond {dtype}; IProp is linear in the attributions: "
+                 "rescale them, or pass precision='float64'")
+    else:
+        cause = (f"check sigma_s={config.sigma_s:g} and sigma_c={config.sigma_c:g} (too small a bandwidth "
+                 "makes every pixel-graph weight underflow) and gamma")
+    raise ValueError(f"IProp values are NaN or infinite for images {rows[:5].tolist()}: {cause}")
 
 
 @with_precision
@@ -78,7 +134,11 @@ def iprop(images: Any, attributions: Any, *, return_iterations: bool = False, ch
           **hparams: Any):
     """IProp values ``V [B, H, W]`` of a batch (``return_iterations``: also the per-image counts ``[B]``).
 
-    ``images`` NHWC in [0, 1]; ``attributions`` of the same shape (or ``[B, H, W]``).
+    ``images`` NHWC in [0, 1]; ``attributions`` of the same shape, or a per-pixel map ``[B, H, W]``
+    (or ``[B, H, W, 1]``), which is a one-channel attribution: the reward rule applies to it as is, so
+    a map ``m`` gives the result of any ``[B, H, W, 3]`` attribution ``a`` whose channel sum is ``m``
+    for the ``sum`` and ``positive_sum`` rules (``m = sum_c |a_c|`` for ``abs_sum``).
+    Attributions and values must be finite (NaN/Inf are refused with the likely cause).
     Hyperparameters (keyword, static; defaults in :mod:`la_iprop.iprop.defaults`): ``k``,
     ``radius``, ``sigma_s``, ``sigma_c``, ``color_space``, ``gamma``, ``reward``, ``tol``,
     ``max_iter``; or pass ``config=IPropConfig(...)``. Per image: reward
@@ -97,10 +157,12 @@ def iprop(images: Any, attributions: Any, *, return_iterations: bool = False, ch
         if images.shape[1] < min_size or images.shape[2] < min_size:
             raise ValueError(f"images must be at least 2*radius+1 = {min_size} pixels in height and width for "
                              f"radius={config.radius}, got {images.shape[1]}x{images.shape[2]}")
+        check_bandwidths(config.radius, config.sigma_s, config.sigma_c, config.color_space, images.dtype)
     if chunk_size is None:
         chunk_size = default_chunk_size()
     check_int_at_least("chunk_size", chunk_size, 1)
     values, iterations = _iprop_batch(images, attributions, config, min(chunk_size, images.shape[0]))
+    _check_values(values, attributions, config)
     return (values, iterations) if return_iterations else values
 
 

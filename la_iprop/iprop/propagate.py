@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from la_iprop.checks import check_choice, check_int_at_least
+from la_iprop.checks import check_choice, check_finite, check_int_at_least
 from la_iprop.iprop.defaults import (
     DEFAULT_GAMMA,
     DEFAULT_MAX_ITER,
@@ -148,6 +148,7 @@ def propagate(graph: PixelGraph, reward: jax.Array, *, gamma: float = DEFAULT_GA
     """
     check_propagation_hparams(gamma, tol, max_iter)
     reward = jnp.asarray(reward, float_dtype())
+    check_finite(reward, "reward", "finite per-pixel rewards")   # eager calls (traced: nothing to look at)
     n = graph.senders.shape[0]
     if reward.size == 0 or n % reward.size != 0 or graph.receivers.shape != graph.senders.shape \
             or graph.transition.shape != graph.senders.shape:

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from la_iprop.attribution.base import as_pytree_fn, check_logits_follow_precision
+from la_iprop.attribution.base import as_pytree_fn, check_logits, model_label
 from la_iprop.checks import (
     check_choice,
     check_finite,
@@ -377,16 +377,19 @@ def evaluate(logit_fn: Callable, images: Any, attributions: Any, *, protocol: st
     model = logit_fn   # before wrapping: its attributes tell the mean colour
     logit_fn = cast_floats(as_pytree_fn(logit_fn))
     images = check_images(images)
-    check_logits_follow_precision(logit_fn, images)
+    given = attributions
     attributions = check_like(attributions, images, "attributions")
     if not (jnp.issubdtype(attributions.dtype, jnp.floating) or jnp.issubdtype(attributions.dtype, jnp.integer)):
         raise ValueError(f"attributions must be real numbers, got dtype {attributions.dtype}")
+    check_finite(given if isinstance(given, np.ndarray) else attributions, "attributions",
+                 "finite scores (higher = more important)")
     attributions = attributions.astype(images.dtype)
-    check_finite(attributions, "attributions")
+    check_finite(attributions, "attributions", f"scores that fit in {images.dtype} (the working float type)")
+    num_classes = check_logits(logit_fn, images, model=model)   # [batch, num_classes] floating logits
     batch, height, width, channels = images.shape
     labels_source = "predicted" if labels is None else "given"
     if labels is not None:
-        labels = check_labels(labels, batch, getattr(logit_fn, "num_classes", None))
+        labels = check_labels(labels, batch, num_classes)
     if chunk_size is None:
         chunk_size = 8 if jax.default_backend() == "cpu" else 64
     check_int_at_least("chunk_size", chunk_size, 1)
@@ -410,6 +413,10 @@ def evaluate(logit_fn: Callable, images: Any, attributions: Any, *, protocol: st
     curves, used = _play(logit_fn, images, attributions, labels, protocol=proto,
                          chunk_size=min(chunk_size, total))
     curves = np.asarray(curves, np.float64)
+    if not np.isfinite(curves).all():
+        rows = np.flatnonzero(~np.isfinite(curves).reshape(batch, -1).all(axis=1))
+        raise ValueError(f"{model_label(model)} returned NaN or infinite logits in the insertion/deletion games of "
+                         f"images {rows[:5].tolist()} (their curves are not finite); expected finite logits")
     fractions = np.minimum(np.arange(steps + 1) * proto.step, units) / units
     return GameResult(insertion_curves=curves[:, 0], deletion_curves=curves[:, 1],
                       labels=np.asarray(used), labels_source=labels_source, fractions=fractions, protocol=record)
