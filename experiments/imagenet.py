@@ -3,10 +3,12 @@
     python -m experiments.imagenet --method=la
     python -m experiments.imagenet --method=la,ig,sm --data=la1000:../shared/data/la1000 --num_images=100
     python -m experiments.imagenet --method=la --settings=paper --iprop
+    python -m experiments.imagenet --method=la --protocol=la,rise   # the same maps scored under both protocols
 
 The default runs the quick settings of each method on the embedded EfficientNet-Lite0
 and the sample photos bundled with scikit-image/matplotlib. Rerunning the same command
-resumes an interrupted run (the default --out is derived from the flags).
+resumes an interrupted run (the default --out is derived from the flags); rerunning it with
+a protocol added scores the stored maps under it without computing any map.
 """
 
 from __future__ import annotations
@@ -25,9 +27,11 @@ flags.DEFINE_string("data", "samples", "samples | folder:PATH | la1000:PATH | tf
 flags.DEFINE_string("tfds_data_dir", None, "data_dir for tfds: sources.")
 flags.DEFINE_integer("num_images", None, "Number of images (default: all of the source).")
 flags.DEFINE_integer("start", 0, "Index of the first image.")
+flags.DEFINE_integer("stride", 1, "Every stride-th image from --start (e.g. to spread a short run over a data set).")
 flags.DEFINE_integer("batch_size", 8, "Images per batch (sharded over the devices).")
 flags.DEFINE_integer("seed", 0, "PRNG seed; each image's key is derived from it and the image index.")
-flags.DEFINE_string("protocol", "la", "Insertion/deletion protocol: la | rise.")
+flags.DEFINE_list("protocol", ["la"], "Insertion/deletion protocol(s), comma separated: la, rise. The maps are "
+                  "computed once and scored under each; not part of the run's identity (add one to a finished run).")
 flags.DEFINE_enum("settings", "quick", ["quick", "paper"],
                   "quick: cheap settings that finish in minutes on a CPU; paper: each method's paper defaults.")
 flags.DEFINE_string("hparams", "", "Overrides, e.g. 'la.max_iter=30,la.sampling_times=20'.")
@@ -47,15 +51,18 @@ flags.DEFINE_integer("num_processes", None, "jax.distributed process count.")
 flags.DEFINE_integer("process_id", None, "jax.distributed process id.")
 
 
-def default_out(method, model, data, settings, seed, iprop, num_images, start, precision="float32") -> str:
+def default_out(method, model, data, settings, seed, iprop, num_images, start, precision="float32", stride=1) -> str:
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", data.split(":", 1)[-1].rstrip("/").split("/")[-1] or data)
     parts = ["-".join(method), model, slug, settings, f"seed{seed}"]
     if precision != "float32":
         parts.append(precision)
     if iprop:
         parts.append("iprop")
-    if num_images is not None or start:
-        parts.append(f"{start}-{start + num_images if num_images else 'end'}")
+    if num_images is not None or start or stride != 1:
+        if stride == 1:
+            parts.append(f"{start}-{start + num_images if num_images else 'end'}")
+        else:
+            parts.append(f"{start}-{start + num_images * stride if num_images else 'end'}-by{stride}")
     return "runs/" + "_".join(parts)
 
 
@@ -79,18 +86,20 @@ def main(argv):
         iprop_hparams = parse_hparams(FLAGS.iprop_hparams, ("iprop",)).get("iprop", {})
         config = RunConfig(
             methods=methods, model=FLAGS.model, weights=FLAGS.weights, data=FLAGS.data,
-            tfds_data_dir=FLAGS.tfds_data_dir, num_images=FLAGS.num_images, start=FLAGS.start,
-            batch_size=FLAGS.batch_size, seed=FLAGS.seed, protocol=FLAGS.protocol, iprop=FLAGS.iprop,
+            tfds_data_dir=FLAGS.tfds_data_dir, num_images=FLAGS.num_images, start=FLAGS.start, stride=FLAGS.stride,
+            batch_size=FLAGS.batch_size, seed=FLAGS.seed, protocols=tuple(FLAGS.protocol), iprop=FLAGS.iprop,
             settings=FLAGS.settings, hparams=parse_hparams(FLAGS.hparams, methods), iprop_hparams=iprop_hparams,
             out=FLAGS.out or default_out(methods, FLAGS.model, FLAGS.data, FLAGS.settings, FLAGS.seed,
-                                         FLAGS.iprop, FLAGS.num_images, FLAGS.start, FLAGS.precision),
+                                         FLAGS.iprop, FLAGS.num_images, FLAGS.start, FLAGS.precision,
+                                         FLAGS.stride),
             devices=FLAGS.devices, save_attributions=FLAGS.save_attributions, precision=FLAGS.precision)
         summary = run(config, progress=FLAGS.progress)
     except ConfigError as err:
         sys.exit(f"error: {err}")
     if summary:
         from experiments.report import markdown_table
-        print(markdown_table(summary["results"]))
+        for protocol, rows in summary["results"].items():
+            print(markdown_table(rows, f"protocol {protocol}"))
         print(f"results written to {config.out}")
     return 0
 

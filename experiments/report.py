@@ -1,4 +1,8 @@
-"""Reports of a run: per-image CSV, summary JSON, Markdown table and PNG figures."""
+"""Reports of a run: per-image CSV, summary JSON, Markdown tables and PNG figures, one table per protocol.
+
+Everything is read from the run's batch files (:mod:`experiments.store`), so a resumed run
+reports exactly what an uninterrupted one does.
+"""
 
 from __future__ import annotations
 
@@ -13,12 +17,13 @@ from importlib import metadata
 import jax
 import numpy as np
 
+from experiments.store import atomic_write, load_records, maps_path, protocol_record
 from la_iprop.data import class_name
 from la_iprop.metrics import auc
 
 __all__ = ["write_reports", "summarize_variant", "CSV_COLUMNS", "markdown_table"]
 
-CSV_COLUMNS = ["method", "index", "image_id", "true_label", "true_name", "predicted", "predicted_name",
+CSV_COLUMNS = ["protocol", "method", "index", "image_id", "true_label", "true_name", "predicted", "predicted_name",
                "insertion", "deletion", "ins_minus_del", "dir", "seconds"]
 TIMING_COLUMNS = ("seconds",)  # the only columns that differ between identical runs
 FIGURE_IMAGES = 6
@@ -46,11 +51,11 @@ def summarize_variant(records: dict[str, np.ndarray]) -> dict:
             "seconds_per_image": float(records["seconds"].mean())}
 
 
-def _csv_rows(variant: str, records: dict[str, np.ndarray]):
+def _csv_rows(protocol: str, variant: str, records: dict[str, np.ndarray]):
     for i in range(len(records["index"])):
         ins, dele = float(records["insertion"][i]), float(records["deletion"][i])
         true, pred = int(records["label"][i]), int(records["predicted"][i])
-        yield [variant, int(records["index"][i]), str(records["id"][i]), true if true >= 0 else "",
+        yield [protocol, variant, int(records["index"][i]), str(records["id"][i]), true if true >= 0 else "",
                class_name(true), pred, class_name(pred), f"{ins:.6f}", f"{dele:.6f}", f"{ins - dele:.6f}",
                f"{dele / ins:.6f}" if ins else "inf", f"{float(records['seconds'][i]):.4f}"]
 
@@ -65,66 +70,95 @@ def markdown_table(summary: dict[str, dict], title: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_reports(config, out: pathlib.Path, variants: list[str], expected_images: int, source) -> dict:
-    """Builds every report from the batch files (so a resumed run equals an uninterrupted one)."""
-    from experiments.runner import atomic_write, load_records
+def _protocol_note(protocol: str, record: dict | None) -> str:
+    if not record:
+        return f"Protocol `{protocol}`."
+    return (f"Protocol `{protocol}`: score `{record.get('score')}`, ranking `{record.get('ranking')}`, step "
+            f"{record.get('step')}, insertion substrate `{record.get('insertion_substrate')}`, deletion substrate "
+            f"`{record.get('deletion_substrate')}`.")
 
-    records = {v: load_records(out, v) for v in variants}
-    missing = [v for v, r in records.items() if r is None or len(r["index"]) != expected_images]
+
+def write_reports(config, out: pathlib.Path, variants: list[str], expected_images: int, source) -> dict:
+    """Builds every report from the batch files (so a resumed run equals an uninterrupted one):
+    ``results.csv`` (a ``protocol`` column), ``summary.json`` (results and protocol records keyed by
+    protocol), ``results.md`` (a section per protocol), ``heatmaps.png`` and ``curves.png``."""
+    out = pathlib.Path(out)
+    protocols = list(config.protocols)
+    records = {p: {v: load_records(out, v, p) for v in variants} for p in protocols}
+    missing = [f"{v} ({p})" for p in protocols for v, r in records[p].items()
+               if r is None or len(r["index"]) != expected_images]
     if missing:
         raise RuntimeError(f"incomplete results for {', '.join(missing)} in {out}: rerun the same command to resume")
 
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
-    for variant in variants:
-        writer.writerows(_csv_rows(variant, records[variant]))
+    for protocol in protocols:
+        for variant in variants:
+            writer.writerows(_csv_rows(protocol, variant, records[protocol][variant]))
     atomic_write(out / "results.csv", lambda f: f.write(buffer.getvalue()))
 
-    summary_rows = {v: summarize_variant(records[v]) for v in variants}
-    protocol = json.loads((out / "protocol.json").read_text()) if (out / "protocol.json").exists() else None
+    results = {p: {v: summarize_variant(records[p][v]) for v in variants} for p in protocols}
+    protocol_records = {p: protocol_record(out, p) for p in protocols}
     device = jax.devices()[0]
     summary = {
         "flags": dataclasses.asdict(config), "precision": config.precision, "resolved": config.resolved(),
-        "protocol": protocol, "versions": _versions(),
+        "protocols": protocols, "protocol": protocol_records, "versions": _versions(),
         "device": {"backend": jax.default_backend(), "kind": getattr(device, "device_kind", str(device)),
                    "local_devices": jax.local_device_count(), "processes": jax.process_count()},
-        "results": summary_rows,
-        "notes": {"insertion/deletion": "AUC of the mean curve over images (equals the mean per-image AUC)",
+        "results": results,
+        "notes": {"results": "keyed by protocol, then method; the maps are computed once and scored under each "
+                             "protocol",
+                  "insertion/deletion": "AUC of the mean curve over images (equals the mean per-image AUC)",
                   "dir": "deletion / insertion (lower is better)",
-                  "seconds": "attribution wall-clock time of the image's batch / batch size; the first batch "
-                             "of each method includes compilation; METHOD+iprop and METHOD+ctrl (IProp's gamma = 0 control) "
-                             "reuse METHOD's stored maps, so "
-                             "its seconds are IProp's alone"},
+                  "seconds": "attribution wall-clock time of the image's batch / batch size (not the scoring); the "
+                             "first batch of each method includes compilation; METHOD+iprop and METHOD+ctrl (IProp's "
+                             "gamma = 0 control) reuse METHOD's stored maps, so its seconds are IProp's alone"},
     }
     atomic_write(out / "summary.json", lambda f: json.dump(summary, f, indent=2, default=str))
-    command_note = f"Model `{config.model}`, data `{config.data}`, protocol `{config.protocol}`, " \
-                   f"settings `{config.settings}`, seed {config.seed}, precision `{config.precision}`."
-    atomic_write(out / "results.md", lambda f: f.write(markdown_table(summary_rows, "Insertion / deletion")
-                                                         + "\n" + command_note + "\n"))
-    write_figures(out, variants, records, source)
+    setting_note = f"Model `{config.model}`, data `{config.data}`, settings `{config.settings}`, " \
+                   f"seed {config.seed}, precision `{config.precision}`."
+    sections = [markdown_table(results[p], f"Insertion / deletion, protocol `{p}`") + "\n"
+                + _protocol_note(p, protocol_records[p]) + "\n" for p in protocols]
+    atomic_write(out / "results.md", lambda f: f.write("\n".join(sections) + "\n" + setting_note + "\n"))
+    write_figures(out, variants, records, source, config.save_attributions)
     return summary
 
 
-def write_figures(out: pathlib.Path, variants: list[str], records: dict[str, dict], source) -> None:
-    """``heatmaps.png`` (image + one overlay per method) and ``curves.png`` (mean curves)."""
+def _first_maps(out: pathlib.Path, variant: str, count: int) -> np.ndarray | None:
+    """The maps of the run's first ``count`` images (from the first batch files only)."""
+    parts, have, b = [], 0, 0
+    while have < count and maps_path(out, variant, b).exists():
+        with np.load(maps_path(out, variant, b), allow_pickle=False) as stored:
+            if "attribution" not in stored.files:
+                return None
+            parts.append(stored["attribution"])
+        have += len(parts[-1])
+        b += 1
+    return np.concatenate(parts)[:count] if parts else None
+
+
+def write_figures(out: pathlib.Path, variants: list[str], records: dict[str, dict[str, dict]], source,
+                  save_attributions: bool = True) -> None:
+    """``heatmaps.png`` (image + one overlay per method) and ``curves.png`` (mean curves, a row per protocol).
+
+    ``records``: ``{protocol: {variant: records}}``."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from experiments.runner import atomic_write
-
-    first = records[variants[0]]
+    protocols = list(records)
+    first = records[protocols[0]][variants[0]]
     n = min(FIGURE_IMAGES, len(first["index"]))
-    has_maps = all("attribution" in records[v] for v in variants)
-    if has_maps:
+    maps = {v: _first_maps(out, v, n) for v in variants} if save_attributions else {}
+    if maps and all(m is not None and len(m) == n for m in maps.values()):
         images = source.load([int(i) for i in first["index"][:n]]).images
         fig, axes = plt.subplots(n, len(variants) + 1, figsize=(2.2 * (len(variants) + 1), 2.2 * n), squeeze=False)
         for row in range(n):
             axes[row, 0].imshow(images[row])
             axes[row, 0].set_title(f"{first['id'][row]}\n{class_name(int(first['predicted'][row]))}"[:40], fontsize=7)
             for col, variant in enumerate(variants, start=1):
-                heat = records[variant]["attribution"][row].sum(-1)
+                heat = maps[variant][row].sum(-1)
                 axes[row, col].imshow(images[row].mean(-1), cmap="gray", vmin=0, vmax=1)
                 axes[row, col].imshow(_normalise(heat), cmap="jet", alpha=0.5, vmin=0, vmax=1)
                 if row == 0:
@@ -135,18 +169,19 @@ def write_figures(out: pathlib.Path, variants: list[str], records: dict[str, dic
         atomic_write(out / "heatmaps.png", lambda f: fig.savefig(f, format="png", dpi=90), mode="wb")
         plt.close(fig)
 
-    fig, (ins_ax, del_ax) = plt.subplots(1, 2, figsize=(10, 4))
-    for variant in variants:
-        r = records[variant]
-        x = np.linspace(0, 1, r["insertion_curve"].shape[1])
-        ins_ax.plot(x, r["insertion_curve"].mean(0), label=f"{variant} ({auc(r['insertion_curve'].mean(0)):.3f})")
-        del_ax.plot(x, r["deletion_curve"].mean(0), label=f"{variant} ({auc(r['deletion_curve'].mean(0)):.3f})")
-    for ax, title in ((ins_ax, "insertion (higher is better)"), (del_ax, "deletion (lower is better)")):
-        ax.set_title(title)
-        ax.set_xlabel("fraction of the image changed")
-        ax.set_ylabel("score of the explained class")
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
+    fig, axes = plt.subplots(len(protocols), 2, figsize=(10, 4 * len(protocols)), squeeze=False)
+    for (ins_ax, del_ax), protocol in zip(axes, protocols, strict=True):
+        for variant in variants:
+            r = records[protocol][variant]
+            x = np.linspace(0, 1, r["insertion_curve"].shape[1])
+            ins_ax.plot(x, r["insertion_curve"].mean(0), label=f"{variant} ({auc(r['insertion_curve'].mean(0)):.3f})")
+            del_ax.plot(x, r["deletion_curve"].mean(0), label=f"{variant} ({auc(r['deletion_curve'].mean(0)):.3f})")
+        for ax, title in ((ins_ax, "insertion (higher is better)"), (del_ax, "deletion (lower is better)")):
+            ax.set_title(f"{title}, protocol {protocol}")
+            ax.set_xlabel("fraction of the image changed")
+            ax.set_ylabel("score of the explained class")
+            ax.legend(fontsize=7)
+            ax.grid(alpha=0.3)
     fig.tight_layout()
     atomic_write(out / "curves.png", lambda f: fig.savefig(f, format="png", dpi=90), mode="wb")
     plt.close(fig)

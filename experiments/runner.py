@@ -1,10 +1,13 @@
 """One experiment run: methods x images -> attributions, insertion/deletion, reports.
 
-The run is resumable: each (method, batch) result is written atomically as
-``<out>/batches/<method>/batch_<b>.npz`` and skipped when it already exists, so a run
-killed at any point and restarted ends with exactly the records of an uninterrupted run.
-Every image's PRNG key is derived from the seed and the image's index in the data set,
-never from its position in a batch.
+Attributions once, metrics many: the maps of each (variant, batch) are computed once and
+written atomically to ``<out>/batches/<variant>/batch_<b>.npz``; they are scored under every
+requested protocol into ``<out>/scores/<protocol>/<variant>/batch_<b>.npz`` (layout and
+checks: :mod:`experiments.store`). Finished files are skipped, so a run killed at any point
+and restarted ends with exactly the records of an uninterrupted run, and the same ``--out``
+with a protocol added scores the stored maps without computing any. Every image's PRNG key
+is derived from the seed and the image's index in the data set, never from its position in
+a batch.
 
 Batches are sharded over the local devices (a 1-D ``data`` mesh); with
 ``jax.distributed`` initialised, each process takes every ``process_count``-th batch and
@@ -19,7 +22,6 @@ import logging
 import math
 import os
 import pathlib
-import tempfile
 import time
 from typing import Any, Callable
 
@@ -28,15 +30,17 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from experiments import report, store
+from experiments.store import ConfigError, atomic_write, batch_path, load_records, maps_path, scores_path
 from la_iprop.attribution import available_methods, get_method, method_hparams
 from la_iprop.data import open_source
 from la_iprop.iprop import IPROP_SUFFIX, IPropConfig, iprop, with_iprop
-from la_iprop.metrics import PROTOCOLS, evaluate
+from la_iprop.metrics import PROTOCOLS, evaluate, get_protocol
 from la_iprop.models import available_models, load_model
 from la_iprop.precision import PRECISIONS, cast_floats, precision_scope
 
 __all__ = ["RunConfig", "ConfigError", "validate", "run", "method_variants", "atomic_write",
-           "parse_hparams", "batch_path", "load_records"]
+           "parse_hparams", "batch_path", "load_records", "select_images", "CONTROL_SUFFIX"]
 
 log = logging.getLogger("la_iprop")
 # The gamma = 0 control of an IProp comparison: the same reward rule (channel aggregation), no
@@ -49,10 +53,6 @@ SETTINGS = ("quick", "paper")
 REFERENCE_SET_SIZE = 8
 
 
-class ConfigError(ValueError):
-    """A bad flag, reported before any heavy work as one line naming the flag."""
-
-
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     methods: tuple[str, ...]
@@ -60,11 +60,12 @@ class RunConfig:
     weights: str | None = None
     data: str = "samples"
     tfds_data_dir: str | None = None
-    num_images: int | None = None        # None: every image of the source
+    num_images: int | None = None        # None: every image of the source (from start, every stride-th)
     start: int = 0                       # first image index
+    stride: int = 1                      # images start, start + stride, start + 2 * stride, ...
     batch_size: int = 8
     seed: int = 0
-    protocol: str = "la"
+    protocols: tuple[str, ...] = ("la",)  # insertion/deletion protocols the maps are scored under
     iprop: bool = False                  # also run every method + IProp, and its gamma = 0 control
     settings: str = "quick"              # "quick": cheap CPU settings; "paper": the methods' defaults
     hparams: dict = dataclasses.field(default_factory=dict)        # {method: {name: value}}
@@ -75,8 +76,9 @@ class RunConfig:
     precision: str = "float32"           # "float64": model, images, maps and metric in float64 (bit-reproducible)
 
     def identity(self) -> dict:
-        """The fields that determine the results (a resumed run must match them)."""
-        keep = ("methods", "model", "weights", "data", "num_images", "start", "batch_size", "seed", "protocol",
+        """The settings that determine the maps (a resumed run must match them). The protocols are
+        not among them: stored maps are scored under any protocol (each records its own settings)."""
+        keep = ("methods", "model", "weights", "data", "num_images", "start", "stride", "batch_size", "seed",
                 "iprop", "settings", "hparams", "iprop_hparams", "save_attributions", "precision")
         return json.loads(json.dumps({**{k: getattr(self, k) for k in keep}, "resolved": self.resolved()},
                                      default=str))
@@ -143,6 +145,10 @@ def split_variant(config: RunConfig, variant: str) -> tuple[str, dict | None]:
     return variant, None
 
 
+def _duplicates(names) -> list[str]:
+    return sorted({n for n in names if list(names).count(n) > 1})
+
+
 def validate(config: RunConfig):
     """Checks every flag cheaply; returns the opened image source. Raises ConfigError."""
     if not config.methods:
@@ -163,8 +169,13 @@ def validate(config: RunConfig):
         raise ConfigError(f"--model: unknown model {config.model!r}; available: {', '.join(available_models())}")
     if config.weights is not None and not os.path.isfile(config.weights):
         raise ConfigError(f"--weights: file not found: {config.weights}")
-    if config.protocol not in PROTOCOLS:
-        raise ConfigError(f"--protocol: unknown protocol {config.protocol!r}; available: {', '.join(PROTOCOLS)}")
+    if isinstance(config.protocols, str) or not config.protocols:
+        raise ConfigError(f"--protocol: give a list of protocols, e.g. la,rise; got {config.protocols!r}")
+    for protocol in config.protocols:
+        if protocol not in PROTOCOLS:
+            raise ConfigError(f"--protocol: unknown protocol {protocol!r}; available: {', '.join(PROTOCOLS)}")
+    if _duplicates(config.protocols):
+        raise ConfigError(f"--protocol: {', '.join(_duplicates(config.protocols))} given more than once")
     if config.settings not in SETTINGS:
         raise ConfigError(f"--settings: expected one of {', '.join(SETTINGS)}, got {config.settings!r}")
     if config.num_images is not None and config.num_images <= 0:
@@ -173,6 +184,8 @@ def validate(config: RunConfig):
         raise ConfigError(f"--batch_size: must be > 0, got {config.batch_size}")
     if config.start < 0:
         raise ConfigError(f"--start: must be >= 0, got {config.start}")
+    if config.stride <= 0:
+        raise ConfigError(f"--stride: must be >= 1, got {config.stride}")
     if config.devices is not None and not 1 <= config.devices <= jax.local_device_count():
         raise ConfigError(f"--devices: must be in [1, {jax.local_device_count()}], got {config.devices}")
     if not config.out:
@@ -191,48 +204,23 @@ def validate(config: RunConfig):
     return source
 
 
-# ----------------------------------------------------------------------------- files
-def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "w") -> None:
-    """Writes via a temporary file in the same directory, then renames: never a partial file."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def select_images(config: RunConfig, source) -> np.ndarray:
+    """Dataset indices of the run's images: ``start, start + stride, ...`` (``num_images`` of them,
+    or up to the end of the source)."""
+    indices = np.arange(config.start, len(source), config.stride, dtype=np.int64)
+    return indices[: config.num_images] if config.num_images is not None else indices
 
 
-def batch_path(out: str | os.PathLike, variant: str, batch: int) -> pathlib.Path:
-    return pathlib.Path(out) / "batches" / variant / f"batch_{batch:05d}.npz"
+def _images_identity(source, indices: np.ndarray) -> dict:
+    return {"count": int(len(indices)), "indices": indices.tolist(), "ids": [source.ids[int(i)] for i in indices]}
 
 
-def load_records(out: str | os.PathLike, variant: str) -> dict[str, np.ndarray] | None:
-    """All finished batches of a variant, concatenated in image order (None if none)."""
-    files = sorted((pathlib.Path(out) / "batches" / variant).glob("batch_*.npz"))
-    if not files:
-        return None
-    parts = [dict(np.load(f, allow_pickle=False)) for f in files]
-    return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
-
-
-def _check_identity(out: pathlib.Path, config: RunConfig) -> None:
-    path = out / "run.json"
+def _check_identity(out: pathlib.Path, config: RunConfig, images: dict | None = None) -> str:
+    """Compares the run's identity with ``out/run.json`` (written for a new run); returns its digest."""
     identity = config.identity()
-    if path.exists():
-        previous = json.loads(path.read_text())
-        changed = sorted(k for k in set(previous) | set(identity) if previous.get(k) != identity.get(k))
-        if changed:
-            raise ConfigError(f"--out: {out} holds a run with different settings ({', '.join(changed)}); "
-                              "use another --out or delete it")
-    else:
-        atomic_write(path, lambda f: json.dump(identity, f, indent=2))
+    if images is not None:
+        identity["images"] = images
+    return store.check_run(out, identity)
 
 
 # ----------------------------------------------------------------------------- computing
@@ -243,7 +231,7 @@ def _resolve_hparams(config: RunConfig, method: str) -> dict:
     return hparams
 
 
-def _attribution_fn(config: RunConfig, variant: str, reference_images: np.ndarray) -> Callable:
+def _attribution_fn(config: RunConfig, variant: str, reference_images: np.ndarray | None) -> Callable:
     method, iprop_hparams = split_variant(config, variant)
     spec = get_method(method)
     hparams = _resolve_hparams(config, method)
@@ -254,23 +242,6 @@ def _attribution_fn(config: RunConfig, variant: str, reference_images: np.ndarra
         fn = with_iprop(fn, **iprop_hparams)
     return lambda model, images, labels, keys: fn(model, images, labels, key=keys, precision=config.precision,
                                                   **hparams)
-
-
-def _stored_base_maps(config: RunConfig, out: pathlib.Path, variant: str, batch: int) -> np.ndarray | None:
-    """For ``METHOD+iprop`` and ``METHOD+ctrl``: the method's maps of this batch if this run already
-    stored them.
-
-    IProp is a post-processing step, so these variants reuse them instead of running the
-    method a second time (same key, same maps).
-    """
-    method, iprop_hparams = split_variant(config, variant)
-    if iprop_hparams is None or not config.save_attributions:
-        return None
-    path = batch_path(out, method, batch)
-    if not path.exists():
-        return None
-    with np.load(path) as stored:
-        return stored["attribution"] if "attribution" in stored else None
 
 
 def image_keys(seed: int, indices: np.ndarray) -> jax.Array:
@@ -301,25 +272,19 @@ class _Sharder:
         return jax.device_put(array, self.sharding), n
 
 
-def _batches(config: RunConfig, total: int) -> list[tuple[int, np.ndarray]]:
-    indices = np.arange(config.start, config.start + total)
+def _batches(config: RunConfig, indices: np.ndarray) -> list[tuple[int, np.ndarray]]:
     return [(b, indices[b * config.batch_size:(b + 1) * config.batch_size])
-            for b in range(math.ceil(total / config.batch_size))]
+            for b in range(math.ceil(len(indices) / config.batch_size))]
+
+
+def _read_maps(path: pathlib.Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as stored:
+        return {k: stored[k] for k in stored.files}
 
 
 def run(config: RunConfig, *, progress: bool = True) -> dict:
     """Runs (or resumes) an experiment and writes its reports; returns the summary."""
-    from experiments import report  # the report layer sits above the runner
-
     source = validate(config)
-    out = pathlib.Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    _check_identity(out, config)
-    total = min(config.num_images or len(source), len(source) - config.start)
-    variants = method_variants(config)
-    process, processes = jax.process_index(), jax.process_count()
-    batches = [item for item in _batches(config, total) if item[0] % processes == process]
-
     log.info("loading model %s", config.model)
     try:
         model = load_model(config.model, config.weights)
@@ -327,54 +292,80 @@ def run(config: RunConfig, *, progress: bool = True) -> dict:
         raise ConfigError(f"--model/--weights: {err}") from None
     if model.input_size != source.size:
         source = open_source(config.data, size=model.input_size, tfds_data_dir=config.tfds_data_dir)
-    reference = source.load(range(min(REFERENCE_SET_SIZE, len(source)))).images
+    indices = select_images(config, source)
+    protocols = {p: get_protocol(p) for p in config.protocols}
+
+    out = pathlib.Path(config.out)
+    run_digest = _check_identity(out, config, _images_identity(source, indices))
+    protocol_digests = {p: store.check_protocol(out, p, proto.to_dict()) for p, proto in protocols.items()}
+    total = len(indices)
+    variants = method_variants(config)
+    process, processes = jax.process_index(), jax.process_count()
+    batches = [item for item in _batches(config, indices) if item[0] % processes == process]
+
+    reference = None
+    if any(get_method(m).needs_reference_set for m in config.methods):
+        reference = source.load(range(min(REFERENCE_SET_SIZE, len(source)))).images
     sharder = _Sharder(config.devices)
     shape_size = min(config.batch_size, total)  # every batch is padded to this: one compiled shape
-    log.info("%d images, %d batches of %d, %d device(s), methods: %s",
-             total, len(batches), config.batch_size, sharder.count, ", ".join(variants))
+    log.info("%d images, %d batches of %d, %d device(s), methods: %s, protocols: %s",
+             total, len(batches), config.batch_size, sharder.count, ", ".join(variants), ", ".join(protocols))
 
     for variant in variants:
-        todo = [(b, idx) for b, idx in batches if not batch_path(out, variant, b).exists()]
-        done_images = sum(len(idx) for b, idx in batches) - sum(len(idx) for _, idx in todo)
-        if not todo:
+        plan = []  # (batch, indices, maps stored, protocols to score)
+        for b, idx in batches:
+            missing = [p for p in protocols if not scores_path(out, p, variant, b).exists()]
+            have_maps = maps_path(out, variant, b).exists()
+            if missing or not have_maps:
+                plan.append((b, idx, have_maps, missing))
+        mapped = sum(len(idx) for _, idx, have, _ in plan if have)
+        done_images = sum(len(idx) for _, idx in batches) - sum(len(idx) for _, idx, have, _ in plan if not have)
+        if not plan:
             log.info("%s: all %d batches already done", variant, len(batches))
             continue
-        log.info("%s: computing %d batch(es) (%d images already done)", variant, len(todo), done_images)
+        to_compute = sum(1 for *_, have, _ in plan if not have)
+        if to_compute:
+            log.info("%s: computing %d batch(es) (%d images already done)", variant, to_compute, done_images)
+        if mapped:
+            log.info("%s: scoring the stored maps of %d image(s) under %s", variant, mapped,
+                     ", ".join(sorted({p for *_, missing in plan for p in missing})))
         attribute = _attribution_fn(config, variant, reference)
         iprop_hparams = split_variant(config, variant)[1]
-        bar = _progress(total=sum(len(idx) for _, idx in batches), initial=done_images, desc=variant,
-                        enabled=progress)
-        running = _RunningMean(out, variant)
-        for b, indices in todo:
-            batch = source.load(indices)
+        mine = sum(len(idx) for _, idx in batches)
+        bar = _progress(total=mine, initial=mine - sum(len(i) for _, i, *_ in plan), desc=variant, enabled=progress)
+        running = _RunningMean(out, variant, config.protocols[0])
+        for b, idx, have_maps, missing in plan:
+            batch = source.load(idx)
             images, n = sharder.put(jnp.asarray(batch.images), shape_size)
-            keys, _ = sharder.put(image_keys(config.seed, indices), shape_size)
-            with precision_scope(config.precision):  # the clean-image prediction in the run's precision too
-                predicted = _predict(cast_floats(model), images)
-            started = time.perf_counter()
-            base_maps = _stored_base_maps(config, out, variant, b)
-            if base_maps is not None:
-                base_maps, _ = sharder.put(jnp.asarray(base_maps), shape_size)
-                values = iprop(images, base_maps, precision=config.precision, **iprop_hparams)
-                maps = jax.block_until_ready(jnp.broadcast_to(values[..., None], images.shape))
+            stored = _read_maps(maps_path(out, variant, b)) if have_maps else None
+            if stored is not None and "attribution" in stored:
+                maps, _ = sharder.put(jnp.asarray(stored["attribution"]), shape_size)
+                predicted, _ = sharder.put(jnp.asarray(stored["predicted"], jnp.int32), shape_size)
             else:
-                maps = jax.block_until_ready(attribute(model, images, predicted, keys))
-            seconds = (time.perf_counter() - started) / n
-            game = evaluate(model, images, maps, protocol=config.protocol, labels=predicted,
-                            precision=config.precision)
-            record = {
-                "index": np.asarray(indices, np.int64), "id": np.asarray(batch.ids, dtype=np.str_),
-                "label": batch.labels.astype(np.int64), "predicted": np.asarray(predicted[:n], np.int64),
-                "insertion": game.insertion_aucs[:n], "deletion": game.deletion_aucs[:n],
-                "insertion_curve": game.insertion_curves[:n], "deletion_curve": game.deletion_curves[:n],
-                "seconds": np.full(n, seconds),
-            }
-            if config.save_attributions:
-                record["attribution"] = np.asarray(maps[:n], config.precision)  # float64 runs keep every bit
-            atomic_write(batch_path(out, variant, b), lambda f, record=record: np.savez(f, **record), mode="wb")
-            if not (out / "protocol.json").exists():
-                atomic_write(out / "protocol.json", lambda f, game=game: json.dump(dict(game.protocol), f, indent=2))
-            running.add(record["insertion"], record["deletion"])
+                if stored is not None:
+                    log.warning("%s batch %d: maps not stored (--save_attributions=false): recomputing them to "
+                                "score %s", variant, b, ", ".join(missing))
+                maps, predicted, seconds = _compute_maps(config, model, out, variant, b, idx, images, n,
+                                                         sharder, shape_size, attribute, iprop_hparams)
+                if stored is None:
+                    record = {"index": np.asarray(idx, np.int64), "id": np.asarray(batch.ids, dtype=np.str_),
+                              "label": batch.labels.astype(np.int64),
+                              "predicted": np.asarray(predicted[:n], np.int64), "seconds": np.full(n, seconds),
+                              "run": np.asarray(run_digest)}
+                    if config.save_attributions:
+                        record["attribution"] = np.asarray(maps[:n], config.precision)  # float64 keeps every bit
+                    store.write_npz(maps_path(out, variant, b), record)
+            for p in missing:
+                game = evaluate(model, images, maps, protocol=protocols[p], labels=predicted,
+                                precision=config.precision)
+                store.write_npz(scores_path(out, p, variant, b), {
+                    "index": np.asarray(idx, np.int64), "id": np.asarray(batch.ids, dtype=np.str_),
+                    "insertion": game.insertion_aucs[:n], "deletion": game.deletion_aucs[:n],
+                    "insertion_curve": game.insertion_curves[:n], "deletion_curve": game.deletion_curves[:n],
+                    "run": np.asarray(run_digest), "protocol": np.asarray(protocol_digests[p])})
+                store.record_protocol(out, p, game.protocol)
+                if p == config.protocols[0]:
+                    running.add(game.insertion_aucs[:n], game.deletion_aucs[:n])
             bar.update(n)
             bar.set_postfix(ins=f"{running.insertion:.4f}", dele=f"{running.deletion:.4f}")
         bar.close()
@@ -387,11 +378,44 @@ def run(config: RunConfig, *, progress: bool = True) -> dict:
     return report.write_reports(config, out, variants, total, source)
 
 
-class _RunningMean:
-    """Running mean of per-image AUCs, seeded with the batches finished earlier."""
+def _compute_maps(config, model, out, variant, b, idx, images, n, sharder, shape_size, attribute, iprop_hparams):
+    """``(maps, predicted, seconds per image)`` of one batch (padded, sharded)."""
+    keys, _ = sharder.put(image_keys(config.seed, idx), shape_size)
+    with precision_scope(config.precision):  # the clean-image prediction in the run's precision too
+        predicted = _predict(cast_floats(model), images)
+    started = time.perf_counter()
+    base_maps = _stored_base_maps(config, out, variant, b)
+    if base_maps is not None:
+        base_maps, _ = sharder.put(jnp.asarray(base_maps), shape_size)
+        values = iprop(images, base_maps, precision=config.precision, **iprop_hparams)
+        maps = jax.block_until_ready(jnp.broadcast_to(values[..., None], images.shape))
+    else:
+        maps = jax.block_until_ready(attribute(model, images, predicted, keys))
+    return maps, predicted, (time.perf_counter() - started) / n
 
-    def __init__(self, out: pathlib.Path, variant: str):
-        previous = load_records(out, variant)
+
+def _stored_base_maps(config: RunConfig, out: pathlib.Path, variant: str, batch: int) -> np.ndarray | None:
+    """For ``METHOD+iprop`` and ``METHOD+ctrl``: the method's maps of this batch if this run already
+    stored them.
+
+    IProp is a post-processing step, so these variants reuse them instead of running the
+    method a second time (same key, same maps).
+    """
+    method, iprop_hparams = split_variant(config, variant)
+    if iprop_hparams is None or not config.save_attributions:
+        return None
+    path = maps_path(out, method, batch)
+    if not path.exists():
+        return None
+    with np.load(path) as stored:
+        return stored["attribution"] if "attribution" in stored else None
+
+
+class _RunningMean:
+    """Running mean of per-image AUCs under the first protocol, seeded with the batches finished earlier."""
+
+    def __init__(self, out: pathlib.Path, variant: str, protocol: str):
+        previous = load_records(out, variant, protocol)
         self.ins = list(previous["insertion"]) if previous else []
         self.dele = list(previous["deletion"]) if previous else []
 

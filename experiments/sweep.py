@@ -7,10 +7,12 @@
     {"methods": ["la", "ig"], "models": ["efficientnet_lite0"],
      "grid": {"la": {"max_iter": [10, 30], "sampling_times": [6, 20]}},
      "data": "la1000:../shared/data/la1000", "num_images": 50, "batch_size": 8,
-     "settings": "quick", "protocol": "la", "iprop": false, "seed": 0}
+     "settings": "quick", "protocols": ["la", "rise"], "iprop": false, "seed": 0}
 
 Each cell is an ordinary resumable run in ``<out>/<cell>``; rerunning the command skips
-finished cells and batches. The combined table is ``<out>/sweep.md`` and ``sweep.csv``.
+finished cells and batches (and, with a protocol added, scores the stored maps). The
+combined table, a row per cell, protocol and method, is ``<out>/sweep.md`` and ``sweep.csv``.
+``"protocol"`` (one name or a list) is accepted for ``"protocols"``.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def define_flags() -> None:
                       "Precision of every cell (overrides the config's 'precision'; default: the config's, else float32).")
 
 
-_RUN_KEYS = ("data", "tfds_data_dir", "num_images", "start", "batch_size", "seed", "protocol", "iprop",
+_RUN_KEYS = ("data", "tfds_data_dir", "num_images", "start", "stride", "batch_size", "seed", "protocols", "iprop",
              "settings", "iprop_hparams", "weights", "devices", "save_attributions", "precision")
 
 
@@ -46,9 +48,17 @@ def cells(spec: dict) -> list[tuple[str, dict]]:
     """``(cell name, RunConfig kwargs)`` for every point of the grid."""
     from experiments.runner import ConfigError
 
-    unknown = set(spec) - {"methods", "models", "grid", *_RUN_KEYS}
+    unknown = set(spec) - {"methods", "models", "grid", "protocol", *_RUN_KEYS}
     if unknown:
         raise ConfigError(f"--config: unknown keys {sorted(unknown)}")
+    if "protocol" in spec:
+        if "protocols" in spec:
+            raise ConfigError("--config: give 'protocols' or 'protocol', not both")
+        spec = {k: v for k, v in spec.items() if k != "protocol"} | {"protocols": spec["protocol"]}
+    if isinstance(spec.get("protocols"), str):
+        spec = {**spec, "protocols": [spec["protocols"]]}
+    if "protocols" in spec:
+        spec = {**spec, "protocols": tuple(spec["protocols"])}
     if not spec.get("methods"):
         raise ConfigError("--config: 'methods' must list at least one method")
     grid = spec.get("grid", {})
@@ -68,7 +78,8 @@ def cells(spec: dict) -> list[tuple[str, dict]]:
 
 def run_sweep(spec: dict, out: str | pathlib.Path, *, progress: bool = True) -> list[dict]:
     from experiments.report import summarize_variant
-    from experiments.runner import ConfigError, RunConfig, atomic_write, load_records, method_variants, run, validate
+    from experiments.runner import ConfigError, RunConfig, method_variants, run, validate
+    from experiments.store import atomic_write, load_records
 
     out = pathlib.Path(out)
     grid = cells(spec)
@@ -82,19 +93,20 @@ def run_sweep(spec: dict, out: str | pathlib.Path, *, progress: bool = True) -> 
     for name, config in configs:
         logging.getLogger("la_iprop").info("sweep cell %s", name)
         run(config, progress=progress)
-        for variant in method_variants(config):
-            row = {"cell": name, "model": config.model, "method": variant,
-                   "hparams": json.dumps(config.hparams.get(config.methods[0], {}), sort_keys=True)}
-            row.update(summarize_variant(load_records(config.out, variant)))
-            rows.append(row)
+        for protocol in config.protocols:
+            for variant in method_variants(config):
+                row = {"cell": name, "model": config.model, "protocol": protocol, "method": variant,
+                       "hparams": json.dumps(config.hparams.get(config.methods[0], {}), sort_keys=True)}
+                row.update(summarize_variant(load_records(config.out, variant, protocol)))
+                rows.append(row)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     atomic_write(out / "sweep.csv", lambda f: f.write(buffer.getvalue()))
-    lines = ["| cell | model | method | hparams | images | insertion ↑ | deletion ↓ | ins − del ↑ | dir ↓ |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['cell']} | {r['model']} | {r['method']} | `{r['hparams']}` | {r['num_images']} | "
+    lines = ["| cell | model | protocol | method | hparams | images | insertion ↑ | deletion ↓ | ins − del ↑ | dir ↓ |",
+             "|---|---|---|---|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['cell']} | {r['model']} | {r['protocol']} | {r['method']} | `{r['hparams']}` | {r['num_images']} | "
               f"{r['insertion']:.4f} | {r['deletion']:.4f} | {r['ins_minus_del']:.4f} | {r['dir']:.4f} |" for r in rows]
     atomic_write(out / "sweep.md", lambda f: f.write("\n".join(lines) + "\n"))
     return rows

@@ -56,20 +56,23 @@ def test_end_to_end_outputs_are_complete(reference_run):
         assert 0 <= ins <= 1 and 0 <= dele <= 1
         assert float(r["ins_minus_del"]) == pytest.approx(ins - dele, abs=2e-6)
         assert r["predicted_name"]  # predictions print as class names
+    assert {r["protocol"] for r in rows} == {"la"}
     saved = json.loads((out / "summary.json").read_text())
-    assert saved["flags"]["methods"] == ["sm"] and saved["protocol"]["name"] == "la"
+    assert saved["flags"]["methods"] == ["sm"] and saved["protocol"]["la"]["name"] == "la"
     assert saved["versions"]["jax"] and saved["device"]["backend"]
-    result = saved["results"]["sm"]
+    result = saved["results"]["la"]["sm"]
     assert result["num_images"] == 4
     assert result["insertion"] == pytest.approx(np.mean([float(r["insertion"]) for r in rows]), abs=1e-5)
     assert (out / "results.md").read_text().count("| sm |") == 1
     for figure in ("heatmaps.png", "curves.png"):
         data = (out / figure).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
-    npz = np.load(out / "batches" / "sm" / "batch_00000.npz")
+    npz = np.load(out / "batches" / "sm" / "batch_00000.npz")  # the maps, computed once
     assert npz["attribution"].shape == (2, 224, 224, 3)
-    assert npz["insertion_curve"].shape == (2, 225)
-    assert summary["results"]["sm"] == result
+    scores = np.load(out / "scores" / "la" / "sm" / "batch_00000.npz")  # their scores under protocol la
+    assert scores["insertion_curve"].shape == (2, 225)
+    assert scores["id"].tolist() == ["chelsea", "coffee"]
+    assert summary["results"]["la"]["sm"] == result
 
 
 def test_killed_run_resumes_to_the_same_csv(reference_run, tmp_path):
@@ -181,7 +184,7 @@ def test_sweep_runs_cells_and_combines(tmp_path):
     from experiments.sweep import run_sweep
     spec = {"methods": ["sm"], "num_images": 2, "batch_size": 2, "seed": 3}
     rows = run_sweep(spec, tmp_path, progress=False)
-    assert [r["method"] for r in rows] == ["sm"]
+    assert [(r["protocol"], r["method"]) for r in rows] == [("la", "sm")]
     table = (tmp_path / "sweep.md").read_text()
     assert "efficientnet_lite0_sm" in table
     with open(tmp_path / "sweep.csv") as f:
@@ -223,7 +226,7 @@ def test_float64_run_keeps_float64_maps_and_is_never_resumed_as_float32(referenc
     out = reference_run_float64
     summary = json.loads((out / "summary.json").read_text())
     assert summary["precision"] == "float64" and summary["flags"]["precision"] == "float64"
-    records = load_records(out, "sm")
+    records = load_records(out, "sm", attributions=True)
     assert records["attribution"].dtype == np.float64
     # sm is smooth in the gradient, so its float32 run's AUCs differ by rounding only: near-tied ranks
     # (measured |Δ insertion| <= 3e-4 between float32 and float64 maps, results/stability.md)

@@ -1,0 +1,204 @@
+"""The run store on real files with a tiny classifier (32x32 inputs, 10 classes), so every run takes seconds.
+
+Attributions once, metrics many (a protocol added to a finished run computes no map), image
+selection, and (see below) what a resumed run checks: the data's fingerprint, every batch file,
+and the flags before anything is written.
+
+Run as a script, this file is ``python -m experiments.imagenet`` with the tiny model registered
+(for the CLI tests that need a subprocess); ``LA_IPROP_TEST_PAUSE=SECONDS`` then sleeps after
+every batch file written, so a test can SIGKILL the run at a known point.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+
+import flax.linen as nn  # noqa: E402
+
+from la_iprop.models.zoo import ModelFn, ModelSpec  # noqa: E402
+
+TINY = "tiny_test_cnn"
+
+
+class _TinyCNN(nn.Module):
+    num_classes: int = 10
+    activation: object = jax.nn.relu
+
+    @nn.compact
+    def __call__(self, x):
+        x = self.activation(nn.Conv(4, (3, 3), strides=(2, 2))(x))
+        return nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))
+
+
+def _preprocess(images):
+    return images * 2.0 - 1.0
+
+
+def _build_tiny(weights) -> ModelFn:
+    del weights
+    module = _TinyCNN()
+    variables = module.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+    return ModelFn(variables=variables, module=module, preprocess=_preprocess, name=TINY, input_size=32,
+                   num_classes=10)
+
+
+TINY_SPEC = ModelSpec(TINY, _build_tiny, "a tiny random CNN for tests (32x32, 10 classes)", default_weights=dict)
+
+
+@contextlib.contextmanager
+def _registered(mp: pytest.MonkeyPatch):
+    from la_iprop.models import zoo
+    mp.setitem(zoo._MODELS, TINY, TINY_SPEC)
+    yield
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tiny_model():
+    """The tiny model in the registry for this module's tests only."""
+    with pytest.MonkeyPatch.context() as mp, _registered(mp):
+        yield TINY
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """A registered method ``counted_sm`` (sm) that records the (padded) batch size of every call."""
+    from la_iprop.attribution import base, get_method
+
+    calls: list[int] = []
+    sm = get_method("sm").fn
+
+    def counted_sm(logit_fn, images, labels=None, *, key=None, precision="float32"):
+        calls.append(int(images.shape[0]))
+        return sm(logit_fn, images, labels, key=key, precision=precision)
+
+    monkeypatch.setitem(base._METHODS, "counted_sm", base.MethodSpec("counted_sm", counted_sm, "sm, counting calls"))
+    return calls
+
+
+def _config(out, **overrides):
+    from experiments.runner import RunConfig
+    kwargs = dict(methods=("sm",), model=TINY, num_images=5, batch_size=2, seed=1, out=str(out))
+    return RunConfig(**{**kwargs, **overrides})
+
+
+def _csv(out) -> list[dict]:
+    with open(pathlib.Path(out) / "results.csv") as f:
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
+
+
+# ----------------------------------------------------------------------------- attributions once, metrics many
+def test_adding_a_protocol_scores_the_stored_maps_and_computes_no_map(tmp_path, counted):
+    from experiments.runner import run
+    from experiments.store import load_records
+
+    first = run(_config(tmp_path / "run", methods=("counted_sm",)), progress=False)
+    assert len(counted) == 3 and list(first["results"]) == ["la"]  # 3 batches (5 images, batches of 2)
+    counted.clear()
+    both = run(_config(tmp_path / "run", methods=("counted_sm",), protocols=("la", "rise")), progress=False)
+    assert counted == []  # re-scoring: no attribution call at all
+    assert both["results"]["la"] == first["results"]["la"]
+    fresh = run(_config(tmp_path / "fresh", methods=("counted_sm",), protocols=("la", "rise")), progress=False)
+    assert len(counted) == 3
+    for protocol in ("la", "rise"):
+        rescored = load_records(tmp_path / "run", "counted_sm", protocol)
+        direct = load_records(tmp_path / "fresh", "counted_sm", protocol)
+        np.testing.assert_array_equal(rescored["insertion"], direct["insertion"])
+        np.testing.assert_array_equal(rescored["deletion"], direct["deletion"])
+        np.testing.assert_array_equal(rescored["insertion_curve"], direct["insertion_curve"])
+    assert fresh["results"]["rise"]["counted_sm"]["insertion"] == both["results"]["rise"]["counted_sm"]["insertion"]
+    # the rise game differs from la's (pixels ranked, blur/mean substrates), so the numbers do too
+    assert both["results"]["rise"]["counted_sm"]["insertion"] != both["results"]["la"]["counted_sm"]["insertion"]
+
+    # Reports: a protocol column, summary keyed by protocol, a Markdown section per protocol.
+    rows = _csv(tmp_path / "run")
+    assert [r["protocol"] for r in rows] == ["la"] * 5 + ["rise"] * 5
+    assert rows == _csv(tmp_path / "fresh")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert list(summary["results"]) == ["la", "rise"] and summary["protocols"] == ["la", "rise"]
+    assert summary["protocol"]["rise"]["ranking"] == "pixel" and summary["protocol"]["rise"]["mean_color"]
+    text = (tmp_path / "run" / "results.md").read_text()
+    assert text.index("protocol `la`") < text.index("protocol `rise`")
+    # The protocols are not part of the identity; each protocol's settings are recorded on their own.
+    assert "protocols" not in json.loads((tmp_path / "run" / "run.json").read_text())
+    assert json.loads((tmp_path / "run" / "scores" / "rise" / "protocol.json").read_text())["definition"]["step"] == 224
+
+
+def test_changed_protocol_settings_are_refused(tmp_path):
+    from experiments.runner import ConfigError, run
+
+    run(_config(tmp_path), progress=False)
+    path = tmp_path / "scores" / "la" / "protocol.json"
+    stored = json.loads(path.read_text())
+    stored["definition"]["step"] = 1
+    path.write_text(json.dumps(stored))
+    with pytest.raises(ConfigError, match=r"--protocol: the la scores .* other la settings \(step\)"):
+        run(_config(tmp_path), progress=False)
+
+
+def test_old_format_run_folder_is_a_clear_error(tmp_path):
+    from experiments.runner import ConfigError, run
+
+    (tmp_path / "run.json").write_text(json.dumps({"methods": ["sm"], "protocol": "la"}))
+    with pytest.raises(ConfigError, match="older storage format"):
+        run(_config(tmp_path), progress=False)
+
+
+# ----------------------------------------------------------------------------- image selection
+def test_stride_selects_every_kth_image_with_keys_from_the_dataset_index(tmp_path):
+    from experiments.runner import image_keys, run, select_images, validate
+    from experiments.store import load_records
+    from la_iprop.attribution import get_method
+    from la_iprop.data import open_source
+
+    config = _config(tmp_path / "strided", methods=("sg",), start=1, stride=2, num_images=None, batch_size=2)
+    source = validate(config)
+    assert select_images(config, source).tolist() == [1, 3, 5]
+    assert select_images(_config(tmp_path, start=1, stride=2, num_images=2), source).tolist() == [1, 3]
+    run(config, progress=False)
+    records = load_records(tmp_path / "strided", "sg", attributions=True)
+    assert records["index"].tolist() == [1, 3, 5]
+    assert records["id"].tolist() == [source.ids[i] for i in (1, 3, 5)]
+    # sg draws noise from each image's key: the key of dataset index 3, not of position 1
+    model = _build_tiny(None)
+    image = open_source("samples", size=32).load([3]).images
+    direct = get_method("sg").fn(model, image, records["predicted"][1:2], key=image_keys(1, np.asarray([3])),
+                                 **get_method("sg").quick)
+    np.testing.assert_allclose(records["attribution"][1], np.asarray(direct)[0], rtol=1e-5, atol=1e-7)
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    from la_iprop.models import zoo
+
+    zoo.register_model(TINY_SPEC)
+    pause = float(os.environ.get("LA_IPROP_TEST_PAUSE", "0"))
+    if pause:
+        import time
+
+        from experiments import store
+
+        write = store.write_npz
+
+        def slow_write(path, record):
+            write(path, record)
+            print(f"wrote {path}", flush=True)
+            time.sleep(pause)
+
+        store.write_npz = slow_write
+    from experiments import imagenet
+    app.run(imagenet.main)
