@@ -104,5 +104,13 @@ def main(argv):
     return 0
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, with a bad or unknown flag reported as one line (before anything is written)."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as err:
+        sys.exit(f"error: {err}")
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -12,12 +12,13 @@ import io
 import json
 import pathlib
 import platform
+import zipfile
 from importlib import metadata
 
 import jax
 import numpy as np
 
-from experiments.store import atomic_write, load_records, maps_path, protocol_record
+from experiments.store import atomic_write, load_records, maps_path, protocol_record, quarantine
 from la_iprop.data import class_name
 from la_iprop.metrics import auc
 
@@ -129,10 +130,15 @@ def _first_maps(out: pathlib.Path, variant: str, count: int) -> np.ndarray | Non
     """The maps of the run's first ``count`` images (from the first batch files only)."""
     parts, have, b = [], 0, 0
     while have < count and maps_path(out, variant, b).exists():
-        with np.load(maps_path(out, variant, b), allow_pickle=False) as stored:
-            if "attribution" not in stored.files:
-                return None
-            parts.append(stored["attribution"])
+        path = maps_path(out, variant, b)
+        try:
+            with np.load(path, allow_pickle=False) as stored:
+                if "attribution" not in stored.files:
+                    return None
+                parts.append(stored["attribution"])
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:  # checked at the start, damaged since
+            quarantine(out, path, f"unreadable ({type(err).__name__}: {err})")
+            raise RuntimeError(f"{path} is damaged (moved aside): rerun the same command to recompute it") from None
         have += len(parts[-1])
         b += 1
     return np.concatenate(parts)[:count] if parts else None

@@ -23,6 +23,7 @@ import math
 import os
 import pathlib
 import time
+import zipfile
 from typing import Any, Callable
 
 import jax
@@ -39,8 +40,9 @@ from la_iprop.metrics import PROTOCOLS, evaluate, get_protocol
 from la_iprop.models import available_models, load_model
 from la_iprop.precision import PRECISIONS, cast_floats, precision_scope
 
-__all__ = ["RunConfig", "ConfigError", "validate", "run", "method_variants", "atomic_write",
-           "parse_hparams", "batch_path", "load_records", "select_images", "CONTROL_SUFFIX"]
+__all__ = ["RunConfig", "ConfigError", "validate", "prepare", "run", "method_variants", "atomic_write",
+           "parse_hparams", "batch_path", "load_records", "select_images", "check_method_hparams",
+           "CONTROL_SUFFIX"]
 
 log = logging.getLogger("la_iprop")
 # The gamma = 0 control of an IProp comparison: the same reward rule (channel aggregation), no
@@ -155,6 +157,8 @@ def validate(config: RunConfig):
         raise ConfigError("--method: give at least one method, e.g. --method=la")
     if config.precision not in PRECISIONS:
         raise ConfigError(f"--precision: must be one of {', '.join(PRECISIONS)}, got {config.precision!r}")
+    if _duplicates(config.methods):
+        raise ConfigError(f"--method: {', '.join(_duplicates(config.methods))} given more than once")
     for method in config.methods:
         if method not in available_methods():
             raise ConfigError(f"--method: unknown method {method!r}; available: {', '.join(available_methods())}")
@@ -190,6 +194,8 @@ def validate(config: RunConfig):
         raise ConfigError(f"--devices: must be in [1, {jax.local_device_count()}], got {config.devices}")
     if not config.out:
         raise ConfigError("--out: an output directory is required")
+    if os.path.exists(config.out) and not os.path.isdir(config.out):
+        raise ConfigError(f"--out: {config.out} exists and is not a folder")
     try:
         source = open_source(config.data, tfds_data_dir=config.tfds_data_dir)
     except (ValueError, OSError) as err:
@@ -211,16 +217,95 @@ def select_images(config: RunConfig, source) -> np.ndarray:
     return indices[: config.num_images] if config.num_images is not None else indices
 
 
-def _images_identity(source, indices: np.ndarray) -> dict:
-    return {"count": int(len(indices)), "indices": indices.tolist(), "ids": [source.ids[int(i)] for i in indices]}
+def _check_identity(out: pathlib.Path, config: RunConfig, data: dict | None = None) -> str:
+    """Compares the run's identity (settings, and ``data``: the images' fingerprint) with
+    ``out/run.json``, which is written for a new run; returns the identity's digest."""
+    return store.check_run(out, {**config.identity(), **(data or {})})
 
 
-def _check_identity(out: pathlib.Path, config: RunConfig, images: dict | None = None) -> str:
-    """Compares the run's identity with ``out/run.json`` (written for a new run); returns its digest."""
-    identity = config.identity()
-    if images is not None:
-        identity["images"] = images
-    return store.check_run(out, identity)
+class _ModelCalled(Exception):
+    """Raised by the probe classifier of :func:`check_method_hparams` at its first call."""
+
+
+def _stop_at_model(images):
+    raise _ModelCalled
+
+
+def check_method_hparams(config: RunConfig, model, reference_images: np.ndarray | None) -> None:
+    """Every method checks its hyperparameters before it first calls the classifier, so each method
+    is called once with a probe (the run's model, whose first call stops the method): the
+    hyperparameters in effect are accepted or refused before anything is computed or written. (A
+    check a method makes only after its first model call is not covered.)"""
+    if not hasattr(model, "replace"):  # not a ModelFn: nothing to probe with
+        return
+    probe = model.replace(preprocess=_stop_at_model)
+    size = model.input_size
+    images = np.full((1, size, size, 3), 0.5, np.float32)
+    labels = np.zeros(1, np.int32)
+    keys = image_keys(config.seed, np.zeros(1, np.int64))
+    probe_config = dataclasses.replace(config, precision="float32")  # the checks do not depend on it
+    for method in config.methods:
+        attribute = _attribution_fn(probe_config, method, reference_images)
+        try:
+            attribute(probe, images, labels, keys)
+        except _ModelCalled:
+            continue
+        except (TypeError, ValueError) as err:
+            message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            flag = "--hparams" if config.hparams.get(method) else "--method"
+            raise ConfigError(f"{flag}: {method} ({_hparams_text(config, method)}): {message}") from None
+
+
+def _hparams_text(config: RunConfig, method: str) -> str:
+    hparams = _resolve_hparams(config, method)
+    return ", ".join(f"{k}={v!r}" for k, v in hparams.items()) or "defaults"
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A run that passed every check: what it reads and the fingerprint of its data."""
+    source: Any
+    model: Any
+    indices: np.ndarray
+    hashes: list[str]
+    reference_images: np.ndarray | None
+    data: dict  # the images (and the reference set) as recorded in run.json
+
+
+def prepare(config: RunConfig, *, model=None) -> Prepared:
+    """Every check a run makes before it writes anything: the flags, the model and its weights, the
+    reference set (only when a method needs one), the methods' hyperparameters, and every image of
+    the run decoded once (its content hash is part of the run's identity). Raises ConfigError."""
+    source = validate(config)
+    if model is None:
+        log.info("loading model %s", config.model)
+        try:
+            model = load_model(config.model, config.weights)
+        except (ValueError, FileNotFoundError) as err:
+            raise ConfigError(f"--model/--weights: {err}") from None
+    if model.input_size != source.size:
+        source = open_source(config.data, size=model.input_size, tfds_data_dir=config.tfds_data_dir)
+    data, reference = {}, None
+    needing = [m for m in config.methods if get_method(m).needs_reference_set]
+    if needing:
+        count = min(REFERENCE_SET_SIZE, len(source))
+        what = f"the reference set of {', '.join(needing)} (images 0-{count - 1} of {config.data})"
+        try:
+            reference = source.load(range(count)).images
+            data["reference"] = {"ids": source.ids[:count], "hashes": store.image_hashes(source, range(count))}
+        except (ValueError, OSError) as err:
+            raise ConfigError(f"--data: {what}: {err}") from None
+    check_method_hparams(config, model, reference)
+    indices = select_images(config, source)
+    started = time.perf_counter()
+    try:
+        hashes = store.image_hashes(source, indices)
+    except (ValueError, OSError) as err:
+        raise ConfigError(f"--data: {err}") from None
+    log.info("fingerprinted %d images in %.1f s", len(indices), time.perf_counter() - started)
+    data["images"] = {"count": int(len(indices)), "digest": store.digest([indices.tolist(), hashes]),
+                      "indices": indices.tolist(), "ids": [source.ids[int(i)] for i in indices], "hashes": hashes}
+    return Prepared(source, model, indices, hashes, reference, data)
 
 
 # ----------------------------------------------------------------------------- computing
@@ -277,67 +362,88 @@ def _batches(config: RunConfig, indices: np.ndarray) -> list[tuple[int, np.ndarr
             for b in range(math.ceil(len(indices) / config.batch_size))]
 
 
-def _read_maps(path: pathlib.Path) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as stored:
-        return {k: stored[k] for k in stored.files}
+def _scan_store(config: RunConfig, out: pathlib.Path, batches: list[store.BatchSpec], variants: list[str],
+                protocols: dict, protocol_digests: dict[str, str], image_size: int) -> list[tuple[str, str]]:
+    """Checks every batch file of the run (see :mod:`experiments.store`); moves the bad ones aside."""
+    process, processes = jax.process_index(), jax.process_count()
+    specs = {spec.number: spec for spec in batches}
+    image_shape = (image_size, image_size, 3) if config.save_attributions else None
+    moved = []
+    for variant in variants:
+        moved += store.scan(
+            out, out / "batches" / variant,
+            lambda b, path: store.check_maps_file(path, specs[b], image_shape=image_shape, dtype=config.precision),
+            batches=len(batches), mine=lambda b: b % processes == process, strays=process == 0,
+            unfinished=processes == 1)
+        for p, proto in protocols.items():
+            length = proto.num_steps(image_size, image_size, 3) + 1
+            moved += store.scan(
+                out, out / "scores" / p / variant,
+                lambda b, path, p=p, length=length: store.check_scores_file(
+                    path, specs[b], protocol=protocol_digests[p], curve_length=length),
+                batches=len(batches), mine=lambda b: b % processes == process, strays=process == 0,
+                unfinished=processes == 1)
+    if moved:
+        log.warning("moved %d file(s) aside to %s (reasons in its log.txt); the run's batches among them are "
+                    "recomputed", len(moved), out / "quarantine")
+    return moved
 
 
-def run(config: RunConfig, *, progress: bool = True) -> dict:
-    """Runs (or resumes) an experiment and writes its reports; returns the summary."""
-    source = validate(config)
-    log.info("loading model %s", config.model)
-    try:
-        model = load_model(config.model, config.weights)
-    except (ValueError, FileNotFoundError) as err:
-        raise ConfigError(f"--model/--weights: {err}") from None
-    if model.input_size != source.size:
-        source = open_source(config.data, size=model.input_size, tfds_data_dir=config.tfds_data_dir)
-    indices = select_images(config, source)
+def run(config: RunConfig, *, progress: bool = True, model=None) -> dict:
+    """Runs (or resumes) an experiment and writes its reports; returns the summary.
+
+    Nothing is written before every check of :func:`prepare` has passed. ``model``: an already
+    loaded classifier for ``config.model`` (the sweep shares one between cells)."""
+    prepared = prepare(config, model=model)
+    source, model, indices = prepared.source, prepared.model, prepared.indices
     protocols = {p: get_protocol(p) for p in config.protocols}
 
     out = pathlib.Path(config.out)
-    run_digest = _check_identity(out, config, _images_identity(source, indices))
+    run_digest = _check_identity(out, config, prepared.data)
     protocol_digests = {p: store.check_protocol(out, p, proto.to_dict()) for p, proto in protocols.items()}
     total = len(indices)
     variants = method_variants(config)
+    specs = [store.BatchSpec(b, idx, [source.ids[int(i)] for i in idx],
+                             prepared.hashes[b * config.batch_size:b * config.batch_size + len(idx)], run_digest)
+             for b, idx in _batches(config, indices)]
+    _scan_store(config, out, specs, variants, protocols, protocol_digests, model.input_size)
     process, processes = jax.process_index(), jax.process_count()
-    batches = [item for item in _batches(config, indices) if item[0] % processes == process]
+    batches = [spec for spec in specs if spec.number % processes == process]
 
-    reference = None
-    if any(get_method(m).needs_reference_set for m in config.methods):
-        reference = source.load(range(min(REFERENCE_SET_SIZE, len(source)))).images
     sharder = _Sharder(config.devices)
     shape_size = min(config.batch_size, total)  # every batch is padded to this: one compiled shape
     log.info("%d images, %d batches of %d, %d device(s), methods: %s, protocols: %s",
              total, len(batches), config.batch_size, sharder.count, ", ".join(variants), ", ".join(protocols))
 
     for variant in variants:
-        plan = []  # (batch, indices, maps stored, protocols to score)
-        for b, idx in batches:
-            missing = [p for p in protocols if not scores_path(out, p, variant, b).exists()]
-            have_maps = maps_path(out, variant, b).exists()
+        plan = []  # (batch, maps stored, protocols to score)
+        for spec in batches:
+            missing = [p for p in protocols if not scores_path(out, p, variant, spec.number).exists()]
+            have_maps = maps_path(out, variant, spec.number).exists()
             if missing or not have_maps:
-                plan.append((b, idx, have_maps, missing))
-        mapped = sum(len(idx) for _, idx, have, _ in plan if have)
-        done_images = sum(len(idx) for _, idx in batches) - sum(len(idx) for _, idx, have, _ in plan if not have)
+                plan.append((spec, have_maps, missing))
         if not plan:
             log.info("%s: all %d batches already done", variant, len(batches))
             continue
-        to_compute = sum(1 for *_, have, _ in plan if not have)
+        mine = sum(len(spec) for spec in batches)
+        to_compute = [spec for spec, have, _ in plan if not have]
         if to_compute:
-            log.info("%s: computing %d batch(es) (%d images already done)", variant, to_compute, done_images)
-        if mapped:
-            log.info("%s: scoring the stored maps of %d image(s) under %s", variant, mapped,
-                     ", ".join(sorted({p for *_, missing in plan for p in missing})))
-        attribute = _attribution_fn(config, variant, reference)
+            log.info("%s: computing %d batch(es) (%d images already done)", variant, len(to_compute),
+                     mine - sum(len(spec) for spec in to_compute))
+        stored_count = sum(len(spec) for spec, have, _ in plan if have)
+        if stored_count:
+            log.info("%s: scoring the stored maps of %d image(s) under %s", variant, stored_count,
+                     ", ".join(p for p in protocols if any(p in missing for *_, missing in plan)))
+        attribute = _attribution_fn(config, variant, prepared.reference_images)
         iprop_hparams = split_variant(config, variant)[1]
-        mine = sum(len(idx) for _, idx in batches)
-        bar = _progress(total=mine, initial=mine - sum(len(i) for _, i, *_ in plan), desc=variant, enabled=progress)
+        bar = _progress(total=mine, initial=mine - sum(len(spec) for spec, *_ in plan), desc=variant,
+                        enabled=progress)
         running = _RunningMean(out, variant, config.protocols[0])
-        for b, idx, have_maps, missing in plan:
-            batch = source.load(idx)
-            images, n = sharder.put(jnp.asarray(batch.images), shape_size)
-            stored = _read_maps(maps_path(out, variant, b)) if have_maps else None
+        for spec, have_maps, missing in plan:
+            b, n = spec.number, len(spec)
+            batch = source.load(spec.indices)
+            images, _ = sharder.put(jnp.asarray(batch.images), shape_size)
+            stored = _read_stored_maps(out, variant, b) if have_maps else None
             if stored is not None and "attribution" in stored:
                 maps, _ = sharder.put(jnp.asarray(stored["attribution"]), shape_size)
                 predicted, _ = sharder.put(jnp.asarray(stored["predicted"], jnp.int32), shape_size)
@@ -345,21 +451,23 @@ def run(config: RunConfig, *, progress: bool = True) -> dict:
                 if stored is not None:
                     log.warning("%s batch %d: maps not stored (--save_attributions=false): recomputing them to "
                                 "score %s", variant, b, ", ".join(missing))
-                maps, predicted, seconds = _compute_maps(config, model, out, variant, b, idx, images, n,
-                                                         sharder, shape_size, attribute, iprop_hparams)
+                maps, predicted, seconds = _compute_maps(config, model, out, variant, spec, images, sharder,
+                                                         shape_size, attribute, iprop_hparams)
                 if stored is None:
-                    record = {"index": np.asarray(idx, np.int64), "id": np.asarray(batch.ids, dtype=np.str_),
-                              "label": batch.labels.astype(np.int64),
+                    record = {"index": spec.indices, "id": np.asarray(spec.ids, dtype=np.str_),
+                              "hash": np.asarray(spec.hashes, dtype=np.str_), "label": batch.labels.astype(np.int64),
                               "predicted": np.asarray(predicted[:n], np.int64), "seconds": np.full(n, seconds),
                               "run": np.asarray(run_digest)}
                     if config.save_attributions:
                         record["attribution"] = np.asarray(maps[:n], config.precision)  # float64 keeps every bit
                     store.write_npz(maps_path(out, variant, b), record)
+                missing = list(protocols)  # new maps: scores of older maps (if any) do not hold for them
             for p in missing:
                 game = evaluate(model, images, maps, protocol=protocols[p], labels=predicted,
                                 precision=config.precision)
                 store.write_npz(scores_path(out, p, variant, b), {
-                    "index": np.asarray(idx, np.int64), "id": np.asarray(batch.ids, dtype=np.str_),
+                    "index": spec.indices, "id": np.asarray(spec.ids, dtype=np.str_),
+                    "hash": np.asarray(spec.hashes, dtype=np.str_),
                     "insertion": game.insertion_aucs[:n], "deletion": game.deletion_aucs[:n],
                     "insertion_curve": game.insertion_curves[:n], "deletion_curve": game.deletion_curves[:n],
                     "run": np.asarray(run_digest), "protocol": np.asarray(protocol_digests[p])})
@@ -378,20 +486,31 @@ def run(config: RunConfig, *, progress: bool = True) -> dict:
     return report.write_reports(config, out, variants, total, source)
 
 
-def _compute_maps(config, model, out, variant, b, idx, images, n, sharder, shape_size, attribute, iprop_hparams):
+def _read_stored_maps(out: pathlib.Path, variant: str, batch: int) -> dict[str, np.ndarray] | None:
+    """The stored maps file of a batch; None (after moving it aside) if it cannot be read in full."""
+    path = maps_path(out, variant, batch)
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            return {k: stored[k] for k in stored.files}
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as err:
+        store.quarantine(out, path, f"unreadable ({type(err).__name__}: {err})")
+        return None
+
+
+def _compute_maps(config, model, out, variant, spec, images, sharder, shape_size, attribute, iprop_hparams):
     """``(maps, predicted, seconds per image)`` of one batch (padded, sharded)."""
-    keys, _ = sharder.put(image_keys(config.seed, idx), shape_size)
+    keys, _ = sharder.put(image_keys(config.seed, spec.indices), shape_size)
     with precision_scope(config.precision):  # the clean-image prediction in the run's precision too
         predicted = _predict(cast_floats(model), images)
     started = time.perf_counter()
-    base_maps = _stored_base_maps(config, out, variant, b)
+    base_maps = _stored_base_maps(config, out, variant, spec.number)
     if base_maps is not None:
         base_maps, _ = sharder.put(jnp.asarray(base_maps), shape_size)
         values = iprop(images, base_maps, precision=config.precision, **iprop_hparams)
         maps = jax.block_until_ready(jnp.broadcast_to(values[..., None], images.shape))
     else:
         maps = jax.block_until_ready(attribute(model, images, predicted, keys))
-    return maps, predicted, (time.perf_counter() - started) / n
+    return maps, predicted, (time.perf_counter() - started) / len(spec)
 
 
 def _stored_base_maps(config: RunConfig, out: pathlib.Path, variant: str, batch: int) -> np.ndarray | None:
@@ -404,11 +523,10 @@ def _stored_base_maps(config: RunConfig, out: pathlib.Path, variant: str, batch:
     method, iprop_hparams = split_variant(config, variant)
     if iprop_hparams is None or not config.save_attributions:
         return None
-    path = maps_path(out, method, batch)
-    if not path.exists():
+    if not maps_path(out, method, batch).exists():
         return None
-    with np.load(path) as stored:
-        return stored["attribution"] if "attribution" in stored else None
+    stored = _read_stored_maps(out, method, batch)  # (checked when the run started)
+    return None if stored is None else stored.get("attribution")
 
 
 class _RunningMean:

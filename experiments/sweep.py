@@ -78,21 +78,30 @@ def cells(spec: dict) -> list[tuple[str, dict]]:
 
 def run_sweep(spec: dict, out: str | pathlib.Path, *, progress: bool = True) -> list[dict]:
     from experiments.report import summarize_variant
-    from experiments.runner import ConfigError, RunConfig, method_variants, run, validate
+    from experiments.runner import ConfigError, RunConfig, method_variants, prepare, run, validate
     from experiments.store import atomic_write, load_records
+    from la_iprop.models import load_model
 
     out = pathlib.Path(out)
     grid = cells(spec)
     configs = [(name, RunConfig(out=str(out / name), **kwargs)) for name, kwargs in grid]
-    for name, config in configs:  # every cell is checked before any runs
+    models: dict[tuple, object] = {}  # one classifier per (model, weights), shared by its cells
+    for name, config in configs:  # every cell passes every check of a run before any cell runs
         try:
             validate(config)
+            key = (config.model, config.weights)
+            if key not in models:
+                try:
+                    models[key] = load_model(config.model, config.weights)
+                except (ValueError, FileNotFoundError) as err:
+                    raise ConfigError(f"--model/--weights: {err}") from None
+            prepare(config, model=models[key])
         except ConfigError as err:
             raise ConfigError(f"cell {name}: {err}") from None
     rows = []
     for name, config in configs:
         logging.getLogger("la_iprop").info("sweep cell %s", name)
-        run(config, progress=progress)
+        run(config, progress=progress, model=models[(config.model, config.weights)])
         for protocol in config.protocols:
             for variant in method_variants(config):
                 row = {"cell": name, "model": config.model, "protocol": protocol, "method": variant,
@@ -132,6 +141,14 @@ def main(argv):
     return 0
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, with a bad or unknown flag reported as one line."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as err:
+        sys.exit(f"error: {err}")
+
+
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

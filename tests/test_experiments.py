@@ -89,10 +89,17 @@ def test_killed_run_resumes_to_the_same_csv(reference_run, tmp_path):
     finished = sorted(p.name for p in (out / "batches" / "sm").glob("batch_*.npz"))
     assert finished == ["batch_00000.npz"], finished  # killed mid-way
     assert not (out / "results.csv").exists()
+    # What else a crash or a user leaves behind: a stray copy under a batch number the run does not
+    # have, and a short, unreadable file for a batch not computed yet. Both are moved aside, not read.
+    (out / "batches" / "sm" / "batch_00005.npz").write_bytes(first.read_bytes())
+    (out / "scores" / "la" / "sm").mkdir(parents=True, exist_ok=True)
+    (out / "scores" / "la" / "sm" / "batch_00001.npz").write_bytes(first.read_bytes()[:100])
     resumed = _cli(args)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "2 images already done" in resumed.stderr
     assert _without_timing(_rows(out)) == _without_timing(_rows(reference_run[0]))
+    quarantined = sorted(str(p.relative_to(out / "quarantine")) for p in (out / "quarantine").rglob("*.npz"))
+    assert quarantined == ["batches/sm/batch_00005.npz", "scores/la/sm/batch_00001.npz"]
     again = _cli(args)  # a finished run: nothing recomputed, nothing duplicated
     assert again.returncode == 0 and "already done" in again.stderr
     assert len(_rows(out)) == 4
@@ -124,6 +131,12 @@ def test_sharded_run_equals_single_device(reference_run_float64, tmp_path):
     (["--num_images=0"], "--num_images: must be > 0"),
     (["--protocol=lа"], "--protocol: unknown protocol"),
     (["--hparams=la.no_such=3"], "--hparams: la has no hyperparameter 'no_such'"),
+    (["--hparams=la.max_iter=3o"], "--hparams: la (max_iter='3o', sampling_times=6): max_iter must be an integer >= 1"),
+    (["--method=sm,sm"], "--method: sm given more than once"),
+    (["--protocol=la,la"], "--protocol: la given more than once"),
+    (["--stride=0"], "--stride: must be >= 1"),
+    (["--num_images=abc"], "flag --num_images=abc: invalid literal"),
+    (["--metod=sm"], "Unknown command line flag 'metod'"),
 ])
 def test_bad_flags_stop_with_one_clear_line(tmp_path, args, message):
     result = _cli(["--method=la", *args, f"--out={tmp_path / 'x'}"] if not args[0].startswith("--method")
@@ -132,7 +145,7 @@ def test_bad_flags_stop_with_one_clear_line(tmp_path, args, message):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and message in last, result.stderr[-1500:]
     assert "Traceback" not in result.stderr
-    assert not (tmp_path / "x").exists()  # stopped before any work
+    assert not (tmp_path / "x").exists()  # stopped before writing anything (a run.json would block the fix)
 
 
 def test_empty_folder_is_a_clear_error(tmp_path):

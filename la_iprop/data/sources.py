@@ -105,7 +105,7 @@ def _read_file(path: pathlib.Path) -> np.ndarray:
         with Image.open(path) as image:
             image.load()
             return to_rgb_float(image)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise ValueError(f"cannot read image file {path}: {err}") from None
 
 
