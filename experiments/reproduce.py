@@ -12,6 +12,7 @@ numbers in the report are read from those runs; nothing is typed in by hand.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import pathlib
 import shlex
@@ -39,6 +40,10 @@ def define_flags() -> None:
     flags.DEFINE_string("data", "samples", "Image source (see experiments.imagenet).")
     flags.DEFINE_integer("num_images", None, "Number of images.")
     flags.DEFINE_integer("start", 0, "First image index.")
+    flags.DEFINE_integer("la_seeds", 3, "LA is also run with seeds seed+1 .. seed+la_seeds-1 (its target draws), "
+                         "to show its seed-to-seed spread beside the CIs.")
+    flags.DEFINE_integer("stride", 1, "Every stride-th image from --start (spreads a short run over the data set).")
+    flags.DEFINE_list("protocol", ["la", "rise"], "Insertion/deletion protocols (maps computed once, scored under each).")
     flags.DEFINE_integer("batch_size", 8, "Batch size.")
     flags.DEFINE_integer("seed", 0, "PRNG seed.")
     flags.DEFINE_enum("settings", "quick", ["quick", "paper"], "quick or paper settings for every method.")
@@ -335,15 +340,26 @@ def main(argv):
     try:
         config = RunConfig(
             methods=methods, model=FLAGS.model, weights=FLAGS.weights, data=FLAGS.data, num_images=FLAGS.num_images,
-            start=FLAGS.start, batch_size=FLAGS.batch_size, seed=FLAGS.seed, protocol="la", iprop=FLAGS.iprop,
+            start=FLAGS.start, batch_size=FLAGS.batch_size, seed=FLAGS.seed, protocols=tuple(FLAGS.protocol),
+            stride=FLAGS.stride, iprop=FLAGS.iprop,
             settings=FLAGS.settings, hparams=parse_hparams(FLAGS.hparams, methods),
             iprop_hparams=parse_hparams(FLAGS.iprop_hparams, ("iprop",)).get("iprop", {}),
             precision=FLAGS.precision, out=str(pathlib.Path(FLAGS.runs_dir) / f"reproduce_{FLAGS.name}"))
         run(config, progress=FLAGS.progress)
+        seed_runs = {}
+        if "la" in methods:
+            for offset in range(1, FLAGS.la_seeds):
+                seed_config = dataclasses.replace(config, methods=("la",), iprop=False, seed=FLAGS.seed + offset,
+                                                  hparams={k: v for k, v in config.hparams.items() if k == "la"},
+                                                  out=f"{config.out}_la_seed{FLAGS.seed + offset}")
+                run(seed_config, progress=FLAGS.progress)
+                seed_runs[seed_config.seed] = pathlib.Path(seed_config.out)
     except ConfigError as err:
         sys.exit(f"error: {err}")
     section = results_dir / "reproduction" / FLAGS.name
     section.mkdir(parents=True, exist_ok=True)
+    for seed, out in seed_runs.items():
+        shutil.copyfile(out / "results.csv", section / f"la_seed{seed}.csv")
     for name in ("summary.json", "results.md", "results.csv", "heatmaps.png", "curves.png"):
         shutil.copyfile(pathlib.Path(config.out) / name, section / name)
     (section / "command.txt").write_text("python -m experiments.reproduce " + " ".join(

@@ -304,7 +304,8 @@ def prepare(config: RunConfig, *, model=None) -> Prepared:
         raise ConfigError(f"--data: {err}") from None
     log.info("fingerprinted %d images in %.1f s", len(indices), time.perf_counter() - started)
     data["images"] = {"count": int(len(indices)), "digest": store.digest([indices.tolist(), hashes]),
-                      "indices": indices.tolist(), "ids": [source.ids[int(i)] for i in indices], "hashes": hashes}
+                      "indices": indices.tolist(), "ids": [source.ids[int(i)] for i in indices], "hashes": hashes,
+                      "size": int(source.size)}  # resized (and centre-cropped) to the model's input size
     return Prepared(source, model, indices, hashes, reference, data)
 
 
