@@ -26,7 +26,6 @@ import dataclasses
 import datetime
 import hashlib
 import json
-import os
 import pathlib
 import platform
 import shlex
@@ -38,10 +37,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.runner import REFERENCE_SET_SIZE, image_keys
+from experiments.store import write_npz
 from la_iprop.iprop import REWARD_RULES, IPropConfig, iprop
 from la_iprop.iprop.tuning import GRID, RAW, coarse_points, search, setting_key
 from la_iprop.metrics import auc, get_protocol
 from la_iprop.metrics.statistics import MeanCI, paired_difference_ci, verdict
+from la_iprop.models import predict
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_DATA = "la1000:" + str(ROOT.parent / "shared" / "data" / "la1000")
@@ -50,14 +52,6 @@ LA_STEP = get_protocol("la").step  # elements per step of protocol ``la``
 
 
 # ----------------------------------------------------------------------------- caching
-def _atomic_savez(path: pathlib.Path, **arrays) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, path)
-
-
 @dataclasses.dataclass
 class Split:
     name: str
@@ -82,7 +76,7 @@ class Ablation:
         self.model = load_model(args.model)
         self.source = open_source(args.data, size=self.model.input_size)
         self.cache = pathlib.Path(args.cache) / args.model / args.settings
-        reference = range(min(8, len(self.source)))  # as the experiment runner: first 8 images
+        reference = range(min(REFERENCE_SET_SIZE, len(self.source)))  # as the experiment runner
         self.reference_images = np.asarray(self.source.load(reference).images)
         self._maps: dict[tuple[str, str], np.ndarray] = {}
         self._method_dirs: dict[str, str] = {}
@@ -95,15 +89,14 @@ class Ablation:
             raise ValueError(f"--{name}: need 0 <= start < stop <= {len(self.source)}, got {start}:{stop}")
         indices = np.arange(start, stop, stride)
         images = np.asarray(self.source.load(indices).images, np.float32)
-        predicted = np.concatenate([np.asarray(_predict(self.model, jnp.asarray(images[i:i + 32])))
+        predicted = np.concatenate([np.asarray(_PREDICT(self.model, jnp.asarray(images[i:i + 32])))
                                     for i in range(0, len(images), 32)])
         return Split(name, indices, images, predicted)
 
     def method_hparams(self, method: str) -> dict[str, Any]:
         """The method's keyword hyperparameters for this run (registry defaults, quick overrides)."""
         from la_iprop.attribution import get_method, method_hparams
-        hparams = dict(get_method(method).quick) if self.args.settings == "quick" else {}
-        return {**method_hparams(method), **hparams}
+        return {**method_hparams(method), **get_method(method).settings_hparams(self.args.settings)}
 
     def method_dir(self, method: str) -> str:
         """``<method>-<hash of its hyperparameters>``: a changed default never reuses stale maps or scores."""
@@ -118,11 +111,10 @@ class Ablation:
         """The method's attributions for the split, computed per batch and cached (resumable)."""
         if (method, split.tag) in self._maps:
             return self._maps[(method, split.tag)]
-        from experiments.runner import image_keys
         from la_iprop.attribution import get_method
 
         spec = get_method(method)
-        hparams = dict(spec.quick) if self.args.settings == "quick" else {}
+        hparams = spec.settings_hparams(self.args.settings)
         if spec.needs_reference_set:
             hparams["reference_images"] = self.reference_images
         out = []
@@ -141,7 +133,7 @@ class Ablation:
                            key=keys, **hparams)
             maps = np.asarray(jax.block_until_ready(maps), np.float32)
             _log(f"{method}: maps {int(idx[0])}-{int(idx[-1]) + 1} in {time.perf_counter() - started:.1f}s")
-            _atomic_savez(path, index=idx, predicted=split.predicted[i:i + bs], attribution=maps)
+            write_npz(path, {"index": idx, "predicted": split.predicted[i:i + bs], "attribution": maps})
             out.append(maps)
         maps = np.concatenate(out)
         self._maps[(method, split.tag)] = maps
@@ -182,8 +174,9 @@ class Ablation:
             del_curves.append(game.deletion_curves)
         ins, dele = np.concatenate(ins), np.concatenate(dele)
         mean_its = float(np.concatenate(iterations).mean()) if iterations else 0.0
-        _atomic_savez(path, index=split.indices, insertion=ins, deletion=dele, iterations=mean_its,
-                      insertion_curves=np.concatenate(ins_curves), deletion_curves=np.concatenate(del_curves))
+        write_npz(path, {"index": split.indices, "insertion": ins, "deletion": dele, "iterations": mean_its,
+                         "insertion_curves": np.concatenate(ins_curves),
+                         "deletion_curves": np.concatenate(del_curves)})
         self.evaluated += 1
         summary = _summary(ins, dele, mean_its)
         _log(f"{method} {setting_key(config)} [{split.tag}]: ins {summary['insertion']:.4f} "
@@ -213,9 +206,7 @@ def _summary(ins: np.ndarray, dele: np.ndarray, iterations: float) -> dict[str, 
             "num_images": int(len(ins)), "mean_iterations": iterations}
 
 
-@jax.jit
-def _predict(model, images):
-    return jnp.argmax(model(images), axis=-1).astype(jnp.int32)
+_PREDICT = jax.jit(predict)  # the explained class: top-1 on the clean image, as in the runner
 
 
 def _log(message: str) -> None:

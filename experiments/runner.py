@@ -311,8 +311,7 @@ def prepare(config: RunConfig, *, model=None) -> Prepared:
 
 # ----------------------------------------------------------------------------- computing
 def _resolve_hparams(config: RunConfig, method: str) -> dict:
-    spec = get_method(method)
-    hparams = dict(spec.quick) if config.settings == "quick" else {}
+    hparams = get_method(method).settings_hparams(config.settings)
     hparams.update(config.hparams.get(method, {}))
     return hparams
 

@@ -42,9 +42,13 @@ def add_arguments(parser) -> None:
 
 def random_model_fn(name: str, key: jax.Array) -> ModelFn:
     """A registered architecture with random weights, for timing only."""
-    if name == "efficientnet_lite0":
-        from la_iprop.models.efficientnet_lite import EfficientNetLite0, lite_preprocess
-        module, preprocess = EfficientNetLite0(), lite_preprocess
+    from la_iprop.models.efficientnet_lite import LITE_VARIANTS, EfficientNetLite, lite_preprocess
+
+    size = 224
+    if name in LITE_VARIANTS:  # Lite0/1/2: the same port, scaled (and a larger input for Lite1/2)
+        variant = LITE_VARIANTS[name]
+        module, preprocess = EfficientNetLite(width=variant.width, depth=variant.depth), lite_preprocess
+        size = variant.input_size
     elif name == "resnet50":
         from la_iprop.models.resnet import ResNet50
         module, preprocess = ResNet50(), imagenet_normalize
@@ -59,8 +63,8 @@ def random_model_fn(name: str, key: jax.Array) -> ModelFn:
         module, preprocess = MaxVitT(), imagenet_normalize
     else:
         raise ValueError(f"no random initialisation for model {name!r}")
-    variables = jax.jit(module.init)(key, jnp.zeros((1, 224, 224, 3), jnp.float32))
-    return ModelFn(variables=variables, module=module, preprocess=preprocess, name=name)
+    variables = jax.jit(module.init)(key, jnp.zeros((1, size, size, 3), jnp.float32))
+    return ModelFn(variables=variables, module=module, preprocess=preprocess, name=name, input_size=size)
 
 
 @jax.jit

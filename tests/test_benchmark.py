@@ -37,3 +37,18 @@ def test_quick_vs_torch_benchmark_runs_side_by_side(tmp_path):
     assert data["la"]["rows"][0]["map_correlation_ours_vs_official"] > 0.99
     assert data["metric"]["max_abs_curve_diff_vs_official"] < 1e-3
     assert data["metric"]["forwards_per_image"] == 2 * (32 + 1)
+
+
+def test_random_weight_models_cover_lite1_and_lite2_at_their_input_size():
+    """``models --random-weights`` times every Lite variant at its own input size (240, 260)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import jax
+        import jax.numpy as jnp
+        from bench_models import random_model_fn
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    for name, size in (("efficientnet_lite1", 240), ("efficientnet_lite2", 260)):
+        model = random_model_fn(name, jax.random.PRNGKey(0))
+        assert model.input_size == size
+        assert jax.eval_shape(model, jnp.zeros((2, size, size, 3), jnp.float32)).shape == (2, 1000)

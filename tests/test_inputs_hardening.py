@@ -244,3 +244,11 @@ def test_iprop_is_scale_equivariant_and_robust_at_the_float_range():
         iprop(images, np.full(images.shape, 1e38, np.float32), **SMALL)
     out = np.asarray(iprop(images, np.full(images.shape, 1e38), precision="float64", **SMALL))
     assert np.isfinite(out).all()
+
+
+def test_settings_level_names_the_cheap_overrides_and_refuses_unknown_levels():
+    spec = get_method("la")
+    assert spec.settings_hparams("quick") == dict(spec.quick) and spec.settings_hparams("quick") is not spec.quick
+    assert spec.settings_hparams("paper") == {}
+    with pytest.raises(ValueError, match="settings must be 'quick' or 'paper'"):
+        spec.settings_hparams("fast")

@@ -234,6 +234,12 @@ class MethodSpec:
     quick: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # cheap settings for CPU smoke runs
     needs_reference_set: bool = False  # e.g. Expected Gradients: pass reference_images=...
 
+    def settings_hparams(self, settings: str) -> dict[str, Any]:
+        """The overrides of a settings level: ``quick`` -> the cheap settings, ``paper`` -> none."""
+        if settings not in ("quick", "paper"):
+            raise ValueError(f"settings must be 'quick' or 'paper', got {settings!r}")
+        return dict(self.quick) if settings == "quick" else {}
+
 
 _METHODS: dict[str, MethodSpec] = {}
 
