@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import io
 import json
 import pathlib
@@ -79,15 +80,24 @@ def _protocol_note(protocol: str, record: dict | None) -> str:
             f"`{record.get('deletion_substrate')}`.")
 
 
-def write_reports(config, out: pathlib.Path, variants: list[str], expected_images: int, source) -> dict:
+def write_reports(config, out: pathlib.Path, variants: list[str], expected_images: int, source, *,
+                  interim: bool = False) -> dict:
     """Builds every report from the batch files (so a resumed run equals an uninterrupted one):
     ``results.csv`` (a ``protocol`` column), ``summary.json`` (results and protocol records keyed by
-    protocol), ``results.md`` (a section per protocol), ``heatmaps.png`` and ``curves.png``."""
+    protocol), ``results.md`` (a section per protocol), ``heatmaps.png`` and ``curves.png``.
+
+    ``interim``: report a run still in progress on the images already finished for every variant
+    under every protocol (so every comparison stays paired); ``summary["interim"]`` says how many
+    of how many. Otherwise an unfinished variant is an error."""
     out = pathlib.Path(out)
     protocols = list(config.protocols)
     records = {p: {v: load_records(out, v, p) for v in variants} for p in protocols}
+    if interim:
+        records, finished = _finished_everywhere(records)
+        if not finished:
+            raise RuntimeError(f"no image of {out} is finished for every method and protocol yet")
     missing = [f"{v} ({p})" for p in protocols for v, r in records[p].items()
-               if r is None or len(r["index"]) != expected_images]
+               if r is None or len(r["index"]) != (finished if interim else expected_images)]
     if missing:
         raise RuntimeError(f"incomplete results for {', '.join(missing)} in {out}: rerun the same command to resume")
 
@@ -116,6 +126,8 @@ def write_reports(config, out: pathlib.Path, variants: list[str], expected_image
                              "first batch of each method includes compilation; METHOD+iprop and METHOD+ctrl (IProp's "
                              "gamma = 0 control) reuse METHOD's stored maps, so its seconds are IProp's alone"},
     }
+    if interim:
+        summary["interim"] = {"images": finished, "of": expected_images}
     atomic_write(out / "summary.json", lambda f: json.dump(summary, f, indent=2, default=str))
     setting_note = f"Model `{config.model}`, data `{config.data}`, settings `{config.settings}`, " \
                    f"seed {config.seed}, precision `{config.precision}`."
@@ -126,9 +138,21 @@ def write_reports(config, out: pathlib.Path, variants: list[str], expected_image
     return summary
 
 
-def _first_maps(out: pathlib.Path, variant: str, count: int) -> np.ndarray | None:
-    """The maps of the run's first ``count`` images (from the first batch files only)."""
-    parts, have, b = [], 0, 0
+def _finished_everywhere(records: dict[str, dict[str, dict | None]]) -> tuple[dict, int]:
+    """The records restricted to the images every variant has under every protocol, and their count."""
+    present = [r["index"] for by_variant in records.values() for r in by_variant.values() if r is not None]
+    if len(present) < sum(len(by_variant) for by_variant in records.values()):
+        return records, 0
+    common = functools.reduce(np.intersect1d, present)
+    restricted = {p: {v: {k: a[np.isin(r["index"], common)] for k, a in r.items()} for v, r in by_variant.items()}
+                  for p, by_variant in records.items()}
+    return restricted, int(len(common))
+
+
+def _first_maps(out: pathlib.Path, variant: str, indices: np.ndarray) -> np.ndarray | None:
+    """The maps of the run's first images (from the first batch files only), if they are ``indices``."""
+    count = len(indices)
+    parts, stored_indices, have, b = [], [], 0, 0
     while have < count and maps_path(out, variant, b).exists():
         path = maps_path(out, variant, b)
         try:
@@ -136,12 +160,15 @@ def _first_maps(out: pathlib.Path, variant: str, count: int) -> np.ndarray | Non
                 if "attribution" not in stored.files:
                     return None
                 parts.append(stored["attribution"])
+                stored_indices.append(stored["index"])
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:  # checked at the start, damaged since
             quarantine(out, path, f"unreadable ({type(err).__name__}: {err})")
             raise RuntimeError(f"{path} is damaged (moved aside): rerun the same command to recompute it") from None
         have += len(parts[-1])
         b += 1
-    return np.concatenate(parts)[:count] if parts else None
+    if not parts or not np.array_equal(np.concatenate(stored_indices)[:count], indices):
+        return None  # (an interim report whose first batch is not finished everywhere)
+    return np.concatenate(parts)[:count]
 
 
 def write_figures(out: pathlib.Path, variants: list[str], records: dict[str, dict[str, dict]], source,
@@ -156,7 +183,7 @@ def write_figures(out: pathlib.Path, variants: list[str], records: dict[str, dic
     protocols = list(records)
     first = records[protocols[0]][variants[0]]
     n = min(FIGURE_IMAGES, len(first["index"]))
-    maps = {v: _first_maps(out, v, n) for v in variants} if save_attributions else {}
+    maps = {v: _first_maps(out, v, first["index"][:n]) for v in variants} if save_attributions else {}
     if maps and all(m is not None and len(m) == n for m in maps.values()):
         images = source.load([int(i) for i in first["index"][:n]]).images
         fig, axes = plt.subplots(n, len(variants) + 1, figsize=(2.2 * (len(variants) + 1), 2.2 * n), squeeze=False)

@@ -54,6 +54,8 @@ def define_flags() -> None:
     flags.DEFINE_string("runs_dir", "runs", "Where the run itself is stored (resumable).")
     flags.DEFINE_string("results_dir", "results", "Where the report and its figures are written.")
     flags.DEFINE_bool("report_only", False, "Only regenerate REPRODUCTION.md from results/reproduction/*.")
+    flags.DEFINE_bool("interim", False, "Compute nothing: report the run as it stands (the images finished for every "
+                      "method and protocol) as an interim section, e.g. while it runs in the background.")
     flags.DEFINE_bool("progress", True, "Show progress bars.")
 
 
@@ -274,7 +276,12 @@ def _section(name: str, section_dir: pathlib.Path, noise: dict[str, float]) -> s
              f"`{json.dumps(flags_['iprop_hparams'])}`",
              *([f"- IProp settings in effect: `{json.dumps(summary['resolved']['iprop'])}`"]
                if "iprop" in summary.get("resolved", {}) else []),
-             f"- command: `{command}`", ""]
+             f"- command: `{command}`",
+             *([f"- **interim**: {summary['interim']['images']} of {summary['interim']['of']} images are finished "
+                "for every method and protocol; the run continues in the background (the same command resumes it) "
+                "and this section is replaced when it ends. Every comparison below is paired on those images."]
+               if "interim" in summary else []),
+             ""]
     for protocol, by_variant in scores.items():
         seeds = {int(flags_["seed"]): by_variant[LA]} if LA in by_variant else {}
         for f in seed_files:
@@ -327,7 +334,7 @@ def main(argv):
     del argv
     import logging
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    from experiments.runner import ConfigError, RunConfig, parse_hparams, run
+    from experiments.runner import ConfigError, RunConfig, parse_hparams, report_interim, run
     from la_iprop.attribution import available_methods
 
     results_dir = pathlib.Path(FLAGS.results_dir)
@@ -345,9 +352,12 @@ def main(argv):
             settings=FLAGS.settings, hparams=parse_hparams(FLAGS.hparams, methods),
             iprop_hparams=parse_hparams(FLAGS.iprop_hparams, ("iprop",)).get("iprop", {}),
             precision=FLAGS.precision, out=str(pathlib.Path(FLAGS.runs_dir) / f"reproduce_{FLAGS.name}"))
-        run(config, progress=FLAGS.progress)
         seed_runs = {}
-        if "la" in methods:
+        if FLAGS.interim:
+            report_interim(config)
+        else:
+            run(config, progress=FLAGS.progress)
+        if "la" in methods and not FLAGS.interim:
             for offset in range(1, FLAGS.la_seeds):
                 seed_config = dataclasses.replace(config, methods=("la",), iprop=False, seed=FLAGS.seed + offset,
                                                   hparams={k: v for k, v in config.hparams.items() if k == "la"},
@@ -356,14 +366,18 @@ def main(argv):
                 seed_runs[seed_config.seed] = pathlib.Path(seed_config.out)
     except ConfigError as err:
         sys.exit(f"error: {err}")
+    except RuntimeError as err:  # e.g. --interim before any image is finished everywhere
+        sys.exit(f"error: {err}")
     section = results_dir / "reproduction" / FLAGS.name
+    for stale in section.glob("la_seed*.csv"):  # an interim section has none; a finished one rewrites them
+        stale.unlink()
     section.mkdir(parents=True, exist_ok=True)
     for seed, out in seed_runs.items():
         shutil.copyfile(out / "results.csv", section / f"la_seed{seed}.csv")
     for name in ("summary.json", "results.md", "results.csv", "heatmaps.png", "curves.png"):
         shutil.copyfile(pathlib.Path(config.out) / name, section / name)
     (section / "command.txt").write_text("python -m experiments.reproduce " + " ".join(
-        shlex.quote(a) for a in sys.argv[1:]) + "\n")
+        shlex.quote(a) for a in sys.argv[1:] if a not in ("--interim", "--interim=true")) + "\n")
     print(write_report(results_dir))
     return 0
 

@@ -362,6 +362,20 @@ def _batches(config: RunConfig, indices: np.ndarray) -> list[tuple[int, np.ndarr
             for b in range(math.ceil(len(indices) / config.batch_size))]
 
 
+def report_interim(config: RunConfig, *, model=None) -> dict:
+    """The reports of a run still in progress (e.g. while it runs in the background), on the images
+    already finished for every variant under every protocol; computes nothing. The run must exist
+    and have this configuration's identity. Returns the summary (``summary["interim"]``: how many
+    of how many images)."""
+    out = pathlib.Path(config.out)
+    if store.read_run(out) is None:
+        raise ConfigError(f"--out: {out} holds no run to report on yet")
+    prepared = prepare(config, model=model)
+    _check_identity(out, config, prepared.data)
+    return report.write_reports(config, out, method_variants(config), len(prepared.indices), prepared.source,
+                                interim=True)
+
+
 def _scan_store(config: RunConfig, out: pathlib.Path, batches: list[store.BatchSpec], variants: list[str],
                 protocols: dict, protocol_digests: dict[str, str], image_size: int) -> list[tuple[str, str]]:
     """Checks every batch file of the run (see :mod:`experiments.store`); moves the bad ones aside."""

@@ -85,3 +85,38 @@ def test_read_scores_sorts_by_image_and_splits_protocols(tmp_path):
     assert set(scores) == {"la", "rise"}
     np.testing.assert_array_equal(scores["la"]["sm"].index, 3 * np.arange(N))
     np.testing.assert_allclose(scores["rise"]["sm"].insertion, ins[::-1])
+
+
+def test_interim_report_keeps_the_images_finished_everywhere(tmp_path):
+    """``--interim``: a run in progress is reported on the images finished for every variant under
+    every protocol, with the same per-image scores as the finished run, and marked interim."""
+    import shutil
+
+    import pytest
+
+    from experiments.reproduce import _section
+    from experiments.runner import ConfigError, RunConfig, report_interim, run
+    from experiments.store import scores_path
+
+    config = RunConfig(methods=("sm",), num_images=2, seed=3, batch_size=1, protocols=("la", "rise"),
+                       out=str(tmp_path / "run"))
+    with pytest.raises(ConfigError, match="holds no run"):
+        report_interim(config)
+    run(config, progress=False)
+    full = read_scores(tmp_path / "run" / "results.csv")
+    scores_path(config.out, "rise", "sm", 1).unlink()  # image 1 is not finished under every protocol
+    summary = report_interim(config)
+    assert summary["interim"] == {"images": 1, "of": 2}
+    interim = read_scores(tmp_path / "run" / "results.csv")
+    for protocol in ("la", "rise"):
+        assert list(interim[protocol]["sm"].index) == [0]
+        assert interim[protocol]["sm"].insertion[0] == full[protocol]["sm"].insertion[0]
+    section = tmp_path / "results" / "reproduction" / "interim"
+    section.mkdir(parents=True)
+    for name in ("summary.json", "results.csv"):
+        shutil.copyfile(tmp_path / "run" / name, section / name)
+    (section / "command.txt").write_text("python -m experiments.reproduce --name=interim\n")
+    assert "**interim**: 1 of 2 images" in _section("interim", section, {})
+    scores_path(config.out, "la", "sm", 0).unlink()
+    with pytest.raises(RuntimeError, match="no image .* is finished for every method and protocol"):
+        report_interim(config)
