@@ -132,7 +132,9 @@ class Ablation:
             maps = spec.fn(self.model, jnp.asarray(split.images[i:i + bs]), jnp.asarray(split.predicted[i:i + bs]),
                            key=keys, **hparams)
             maps = np.asarray(jax.block_until_ready(maps), np.float32)
-            _log(f"{method}: maps {int(idx[0])}-{int(idx[-1]) + 1} in {time.perf_counter() - started:.1f}s")
+            seconds = time.perf_counter() - started
+            _log(f"{method}: maps {int(idx[0])}-{int(idx[-1]) + 1} in {seconds:.1f}s "
+                 f"({len(idx) / max(seconds, 1e-9):.3g} images/s)")
             write_npz(path, {"index": idx, "predicted": split.predicted[i:i + bs], "attribution": maps})
             out.append(maps)
         maps = np.concatenate(out)
@@ -172,6 +174,7 @@ class Ablation:
             dele.append(game.deletion_aucs)
             ins_curves.append(game.insertion_curves)
             del_curves.append(game.deletion_curves)
+        seconds = time.perf_counter() - started
         ins, dele = np.concatenate(ins), np.concatenate(dele)
         mean_its = float(np.concatenate(iterations).mean()) if iterations else 0.0
         write_npz(path, {"index": split.indices, "insertion": ins, "deletion": dele, "iterations": mean_its,
@@ -181,7 +184,7 @@ class Ablation:
         summary = _summary(ins, dele, mean_its)
         _log(f"{method} {setting_key(config)} [{split.tag}]: ins {summary['insertion']:.4f} "
              f"del {summary['deletion']:.4f} ins-del {summary['ins_minus_del']:.4f} "
-             f"({time.perf_counter() - started:.0f}s)")
+             f"({seconds:.0f}s, {len(ins) / max(seconds, 1e-9):.3g} images/s)")
         return summary
 
     def curves(self, method: str, split: Split, config: IPropConfig | None) -> tuple[np.ndarray, np.ndarray]:

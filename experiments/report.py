@@ -113,7 +113,7 @@ def write_reports(config, out: pathlib.Path, variants: list[str], expected_image
     protocol_records = {p: protocol_record(out, p) for p in protocols}
     device = jax.devices()[0]
     summary = {
-        "flags": dataclasses.asdict(config), "precision": config.precision, "resolved": config.resolved(),
+        "flags": _flags(config), "precision": config.precision, "resolved": config.resolved(),
         "protocols": protocols, "protocol": protocol_records, "versions": _versions(),
         "device": {"backend": jax.default_backend(), "kind": getattr(device, "device_kind", str(device)),
                    "local_devices": jax.local_device_count(), "processes": jax.process_count()},
@@ -128,14 +128,32 @@ def write_reports(config, out: pathlib.Path, variants: list[str], expected_image
     }
     if interim:
         summary["interim"] = {"images": finished, "of": expected_images}
+    external = getattr(config, "external", None)
+    if external is not None:  # maps made elsewhere (python -m experiments.evaluate)
+        summary["maps_file"] = external.describe()
+        summary["notes"]["seconds"] = summary["maps_file"]["seconds"]
     atomic_write(out / "summary.json", lambda f: json.dump(summary, f, indent=2, default=str))
     setting_note = f"Model `{config.model}`, data `{config.data}`, settings `{config.settings}`, " \
                    f"seed {config.seed}, precision `{config.precision}`."
+    if external is not None:
+        described = summary["maps_file"]
+        setting_note = (f"Maps from `{described['file']}` (sha256 `{described['sha256'][:16]}`), explained class: "
+                        f"{described['explained_class']}; per-pixel maps: {described['per_pixel']}. Model "
+                        f"`{config.model}`, data `{config.data}`, precision `{config.precision}`.")
     sections = [markdown_table(results[p], f"Insertion / deletion, protocol `{p}`") + "\n"
                 + _protocol_note(p, protocol_records[p]) + "\n" for p in protocols]
     atomic_write(out / "results.md", lambda f: f.write("\n".join(sections) + "\n" + setting_note + "\n"))
     write_figures(out, variants, records, source, config.save_attributions)
     return summary
+
+
+def _flags(config) -> dict:
+    """The run's settings; maps made elsewhere are described by ``summary["maps_file"]`` instead."""
+    flags = dataclasses.asdict(config)
+    external = flags.pop("external", None)
+    if external is not None:
+        flags["maps_file"] = str(external.path)
+    return flags
 
 
 def _finished_everywhere(records: dict[str, dict[str, dict | None]]) -> tuple[dict, int]:

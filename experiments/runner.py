@@ -16,12 +16,14 @@ process 0 merges all batch files into the reports.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
 import os
 import pathlib
+import threading
 import time
 import zipfile
 from typing import Any, Callable
@@ -31,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from experiments import report, store
+from experiments import multihost, report, store
 from experiments.store import ConfigError, atomic_write, batch_path, load_records, maps_path, scores_path
 from la_iprop.attribution import available_methods, get_method, method_hparams
 from la_iprop.data import open_source
@@ -76,6 +78,9 @@ class RunConfig:
     devices: int | None = None           # local devices to shard over (None: all)
     save_attributions: bool = True
     precision: str = "float32"           # "float64": model, images, maps and metric in float64 (bit-reproducible)
+    # Maps made elsewhere (experiments.external_maps.ExternalMaps, ``python -m experiments.evaluate``):
+    # ``methods`` are then the file's keys, read from it instead of computed (not registered methods).
+    external: Any = None
 
     def identity(self) -> dict:
         """The settings that determine the maps (a resumed run must match them). The protocols are
@@ -88,8 +93,11 @@ class RunConfig:
     def resolved(self) -> dict:
         """Every hyperparameter in effect (library defaults, quick settings, overrides): results
         stored under an older library default must not be resumed into a run under a new one."""
-        resolved = {"methods": {m: {k: v for k, v in {**method_hparams(m), **_resolve_hparams(self, m)}.items()
-                                    if k != "reference_images"} for m in self.methods}}
+        if self.external is not None:  # the file's content hash and how it is read
+            resolved = {"methods": {m: {} for m in self.methods}, "external": self.external.identity()}
+        else:
+            resolved = {"methods": {m: {k: v for k, v in {**method_hparams(m), **_resolve_hparams(self, m)}.items()
+                                        if k != "reference_images"} for m in self.methods}}
         if self.iprop:
             resolved["iprop"] = IPropConfig(**self.iprop_hparams).as_dict()
             resolved["iprop_control"] = IPropConfig(**_control_hparams(self)).as_dict()
@@ -159,7 +167,9 @@ def validate(config: RunConfig):
         raise ConfigError(f"--precision: must be one of {', '.join(PRECISIONS)}, got {config.precision!r}")
     if _duplicates(config.methods):
         raise ConfigError(f"--method: {', '.join(_duplicates(config.methods))} given more than once")
-    for method in config.methods:
+    if config.external is not None:
+        _validate_external(config)
+    for method in config.methods if config.external is None else ():
         if method not in available_methods():
             raise ConfigError(f"--method: unknown method {method!r}; available: {', '.join(available_methods())}")
     for method, values in config.hparams.items():
@@ -210,9 +220,24 @@ def validate(config: RunConfig):
     return source
 
 
+def _validate_external(config: RunConfig) -> None:
+    """A run of maps made elsewhere: its variants are the file's keys, nothing is computed but IProp."""
+    if tuple(config.methods) != tuple(config.external.keys):
+        raise ConfigError(f"--method: a run of supplied maps runs the file's keys ({', '.join(config.external.keys)}),"
+                          f" got {', '.join(config.methods)}")
+    if config.hparams:
+        raise ConfigError("--hparams: supplied maps have no hyperparameters")
+    if not config.save_attributions:
+        raise ConfigError("--save_attributions: supplied maps are always stored (IProp and new protocols read them)")
+    if config.num_images is not None or config.start or config.stride != 1:
+        raise ConfigError("--num_images/--start/--stride: the images of supplied maps are the file's ids")
+
+
 def select_images(config: RunConfig, source) -> np.ndarray:
     """Dataset indices of the run's images: ``start, start + stride, ...`` (``num_images`` of them,
-    or up to the end of the source)."""
+    or up to the end of the source); for supplied maps, the file's ids in its order."""
+    if config.external is not None:
+        return config.external.indices(source)
     indices = np.arange(config.start, len(source), config.stride, dtype=np.int64)
     return indices[: config.num_images] if config.num_images is not None else indices
 
@@ -286,7 +311,7 @@ def prepare(config: RunConfig, *, model=None) -> Prepared:
     if model.input_size != source.size:
         source = open_source(config.data, size=model.input_size, tfds_data_dir=config.tfds_data_dir)
     data, reference = {}, None
-    needing = [m for m in config.methods if get_method(m).needs_reference_set]
+    needing = [m for m in config.methods if config.external is None and get_method(m).needs_reference_set]
     if needing:
         count = min(REFERENCE_SET_SIZE, len(source))
         what = f"the reference set of {', '.join(needing)} (images 0-{count - 1} of {config.data})"
@@ -295,7 +320,10 @@ def prepare(config: RunConfig, *, model=None) -> Prepared:
             data["reference"] = {"ids": source.ids[:count], "hashes": store.image_hashes(source, range(count))}
         except (ValueError, OSError) as err:
             raise ConfigError(f"--data: {what}: {err}") from None
-    check_method_hparams(config, model, reference)
+    if config.external is not None:  # sizes, ids, labels and every value of the supplied maps
+        config.external.check(model, source, config.precision)
+    else:
+        check_method_hparams(config, model, reference)
     indices = select_images(config, source)
     started = time.perf_counter()
     try:
@@ -318,6 +346,10 @@ def _resolve_hparams(config: RunConfig, method: str) -> dict:
 
 def _attribution_fn(config: RunConfig, variant: str, reference_images: np.ndarray | None) -> Callable:
     method, iprop_hparams = split_variant(config, variant)
+    if config.external is not None:  # read from the file (KEY) or IProp of the stored maps (KEY+iprop/+ctrl)
+        def supplied(*args):
+            raise RuntimeError(f"{variant}: the maps of {method} are read from {config.external.path}, not computed")
+        return supplied
     spec = get_method(method)
     hparams = _resolve_hparams(config, method)
     if spec.needs_reference_set:
@@ -413,8 +445,10 @@ def run(config: RunConfig, *, progress: bool = True, model=None) -> dict:
     protocols = {p: get_protocol(p) for p in config.protocols}
 
     out = pathlib.Path(config.out)
-    run_digest = _check_identity(out, config, prepared.data)
-    protocol_digests = {p: store.check_protocol(out, p, proto.to_dict()) for p, proto in protocols.items()}
+    with multihost.process_zero_first("run identity"):  # process 0 writes a new run.json, the others check it
+        multihost.require_visible(out / "run.json", "--out")
+        run_digest = _check_identity(out, config, prepared.data)
+        protocol_digests = {p: store.check_protocol(out, p, proto.to_dict()) for p, proto in protocols.items()}
     total = len(indices)
     variants = method_variants(config)
     specs = [store.BatchSpec(b, idx, [source.ids[int(i)] for i in idx],
@@ -429,74 +463,91 @@ def run(config: RunConfig, *, progress: bool = True, model=None) -> dict:
     log.info("%d images, %d batches of %d, %d device(s), methods: %s, protocols: %s",
              total, len(batches), config.batch_size, sharder.count, ", ".join(variants), ", ".join(protocols))
 
-    for variant in variants:
-        plan = []  # (batch, maps stored, protocols to score)
-        for spec in batches:
+    # Batch-major: every variant of a batch before the next batch, so an interrupted (or --interim
+    # reported) run holds complete, paired results for its first images; IProp variants follow
+    # their method within the batch (they read its stored maps).
+    plan = []  # (batch, variant, maps stored, protocols to score)
+    for spec in batches:
+        for variant in variants:
             missing = [p for p in protocols if not scores_path(out, p, variant, spec.number).exists()]
             have_maps = maps_path(out, variant, spec.number).exists()
             if missing or not have_maps:
-                plan.append((spec, have_maps, missing))
-        if not plan:
-            log.info("%s: all %d batches already done", variant, len(batches))
+                plan.append((spec, variant, have_maps, missing))
+    mine = sum(len(spec) for spec in batches)
+    for variant in variants:
+        to_compute = sum(len(spec) for spec, v, have, _ in plan if v == variant and not have)
+        to_score = sum(len(spec) for spec, v, have, _ in plan if v == variant and have)
+        if not (to_compute or to_score):
+            log.info("%s: all %d images already done", variant, mine)
             continue
-        mine = sum(len(spec) for spec in batches)
-        to_compute = [spec for spec, have, _ in plan if not have]
-        if to_compute:
-            log.info("%s: computing %d batch(es) (%d images already done)", variant, len(to_compute),
-                     mine - sum(len(spec) for spec in to_compute))
-        stored_count = sum(len(spec) for spec, have, _ in plan if have)
-        if stored_count:
-            log.info("%s: scoring the stored maps of %d image(s) under %s", variant, stored_count,
-                     ", ".join(p for p in protocols if any(p in missing for *_, missing in plan)))
-        attribute = _attribution_fn(config, variant, prepared.reference_images)
-        iprop_hparams = split_variant(config, variant)[1]
-        bar = _progress(total=mine, initial=mine - sum(len(spec) for spec, *_ in plan), desc=variant,
-                        enabled=progress)
-        running = _RunningMean(out, variant, config.protocols[0])
-        for spec, have_maps, missing in plan:
-            b, n = spec.number, len(spec)
+        log.info("%s: maps of %d image(s) to compute (%d already stored)%s", variant, to_compute, mine - to_compute,
+                 f", stored maps of {to_score} image(s) to score" if to_score else "")
+    attributes: dict[str, Callable] = {}
+    running = {variant: _RunningMean(out, variant, config.protocols[0]) for variant in variants}
+    todo = sum(len(spec) for spec, *_ in plan)
+    tracker = _RunProgress(total=mine * len(variants), done=mine * len(variants) - todo, batches=len(specs),
+                           desc=variants[0] if len(variants) == 1 else "maps", enabled=progress)
+    loaded = None  # (batch number, its images on the devices, its labels)
+    for spec, variant, have_maps, missing in plan:
+        b, n = spec.number, len(spec)
+        tracker.start_batch(variant, b, n, running[variant])
+        if loaded is None or loaded[0] != b:
             batch = source.load(spec.indices)
-            images, _ = sharder.put(jnp.asarray(batch.images), shape_size)
-            stored = _read_stored_maps(out, variant, b) if have_maps else None
-            if stored is not None and "attribution" in stored:
+            loaded = (b, sharder.put(jnp.asarray(batch.images), shape_size)[0], batch.labels)
+        images, labels = loaded[1], loaded[2]
+        stored = _read_stored_maps(out, variant, b) if have_maps else None
+        computing = stored is None or "attribution" not in stored
+        tracker.set_stages(["attribution", *protocols] if computing else missing)
+        if not computing:
+            with precision_scope(config.precision):  # float64 maps stay float64
                 maps, _ = sharder.put(jnp.asarray(stored["attribution"]), shape_size)
-                predicted, _ = sharder.put(jnp.asarray(stored["predicted"], jnp.int32), shape_size)
-            else:
-                if stored is not None:
-                    log.warning("%s batch %d: maps not stored (--save_attributions=false): recomputing them to "
-                                "score %s", variant, b, ", ".join(missing))
+            predicted, _ = sharder.put(jnp.asarray(stored["predicted"], jnp.int32), shape_size)
+        else:
+            if stored is not None:
+                log.warning("%s batch %d: maps not stored (--save_attributions=false): recomputing them to "
+                            "score %s", variant, b, ", ".join(missing))
+            if variant not in attributes:
+                attributes[variant] = _attribution_fn(config, variant, prepared.reference_images)
+            with tracker.stage("attribution"):
                 maps, predicted, seconds = _compute_maps(config, model, out, variant, spec, images, sharder,
-                                                         shape_size, attribute, iprop_hparams)
-                if stored is None:
-                    record = {"index": spec.indices, "id": np.asarray(spec.ids, dtype=np.str_),
-                              "hash": np.asarray(spec.hashes, dtype=np.str_), "label": batch.labels.astype(np.int64),
-                              "predicted": np.asarray(predicted[:n], np.int64), "seconds": np.full(n, seconds),
-                              "run": np.asarray(run_digest)}
-                    if config.save_attributions:
-                        record["attribution"] = np.asarray(maps[:n], config.precision)  # float64 keeps every bit
-                    store.write_npz(maps_path(out, variant, b), record)
-                missing = list(protocols)  # new maps: scores of older maps (if any) do not hold for them
-            for p in missing:
+                                                         shape_size, attributes[variant],
+                                                         split_variant(config, variant)[1])
+            if stored is None:
+                record = {"index": spec.indices, "id": np.asarray(spec.ids, dtype=np.str_),
+                          "hash": np.asarray(spec.hashes, dtype=np.str_), "label": labels.astype(np.int64),
+                          "predicted": np.asarray(predicted[:n], np.int64), "seconds": np.full(n, seconds),
+                          "run": np.asarray(run_digest)}
+                if config.save_attributions:
+                    record["attribution"] = np.asarray(maps[:n], config.precision)  # float64 keeps every bit
+                store.write_npz(maps_path(out, variant, b), record)
+            missing = list(protocols)  # new maps: scores of older maps (if any) do not hold for them
+        for p in missing:
+            with tracker.stage(p):  # the bar moves per scored chunk (numerics identical without it)
                 game = evaluate(model, images, maps, protocol=protocols[p], labels=predicted,
-                                precision=config.precision)
-                store.write_npz(scores_path(out, p, variant, b), {
-                    "index": spec.indices, "id": np.asarray(spec.ids, dtype=np.str_),
-                    "hash": np.asarray(spec.hashes, dtype=np.str_),
-                    "insertion": game.insertion_aucs[:n], "deletion": game.deletion_aucs[:n],
-                    "insertion_curve": game.insertion_curves[:n], "deletion_curve": game.deletion_curves[:n],
-                    "run": np.asarray(run_digest), "protocol": np.asarray(protocol_digests[p])})
-                store.record_protocol(out, p, game.protocol)
-                if p == config.protocols[0]:
-                    running.add(game.insertion_aucs[:n], game.deletion_aucs[:n])
-            bar.update(n)
-            bar.set_postfix(ins=f"{running.insertion:.4f}", dele=f"{running.deletion:.4f}")
-        bar.close()
+                                precision=config.precision, progress=tracker.chunk if progress else None)
+            store.write_npz(scores_path(out, p, variant, b), {
+                "index": spec.indices, "id": np.asarray(spec.ids, dtype=np.str_),
+                "hash": np.asarray(spec.hashes, dtype=np.str_),
+                "insertion": game.insertion_aucs[:n], "deletion": game.deletion_aucs[:n],
+                "insertion_curve": game.insertion_curves[:n], "deletion_curve": game.deletion_curves[:n],
+                "run": np.asarray(run_digest), "protocol": np.asarray(protocol_digests[p])})
+            store.record_protocol(out, p, game.protocol)
+            if p == config.protocols[0]:
+                running[variant].add(game.insertion_aucs[:n], game.deletion_aucs[:n])
+        tracker.end_batch()
+    tracker.close()
 
-    if processes > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices("la_iprop: all batches written")
-        if process != 0:
-            return {}
+    if processes > 1:  # process 0 merges every process's batch files, then all processes end together
+        log.info("process %d of %d: its %d of the %d batches (number %% %d == %d) are written; waiting for the "
+                 "other processes", process, processes, len(batches), len(specs), processes, process)
+        multihost.barrier("batches written")
+        with multihost.process_zero_first("reports written"):
+            if process != 0:
+                return {}
+            multihost.wait_until_visible([path for spec in specs for v in variants for path in
+                                          (maps_path(out, v, spec.number),
+                                           *(scores_path(out, p, v, spec.number) for p in protocols))])
+            return report.write_reports(config, out, variants, total, source)
     return report.write_reports(config, out, variants, total, source)
 
 
@@ -514,12 +565,20 @@ def _read_stored_maps(out: pathlib.Path, variant: str, batch: int) -> dict[str, 
 def _compute_maps(config, model, out, variant, spec, images, sharder, shape_size, attribute, iprop_hparams):
     """``(maps, predicted, seconds per image)`` of one batch (padded, sharded)."""
     keys, _ = sharder.put(image_keys(config.seed, spec.indices), shape_size)
-    with precision_scope(config.precision):  # the clean-image prediction in the run's precision too
-        predicted = _predict(cast_floats(model), images)
+    if config.external is not None and config.external.has_labels:  # the classes the supplied maps explain
+        predicted, _ = sharder.put(jnp.asarray(config.external.labels_of(spec.ids)), shape_size)
+    else:
+        with precision_scope(config.precision):  # the clean-image prediction in the run's precision too
+            predicted = _predict(cast_floats(model), images)
     started = time.perf_counter()
+    if config.external is not None and variant in config.external.keys:  # made elsewhere: read from the file
+        with precision_scope(config.precision):  # (a float64 run keeps float64 maps)
+            maps, _ = sharder.put(jnp.asarray(config.external.read(variant, spec.ids, config.precision)), shape_size)
+        return maps, predicted, 0.0
     base_maps = _stored_base_maps(config, out, variant, spec.number)
     if base_maps is not None:
-        base_maps, _ = sharder.put(jnp.asarray(base_maps), shape_size)
+        with precision_scope(config.precision):  # (a float64 run's stored maps stay float64)
+            base_maps, _ = sharder.put(jnp.asarray(base_maps), shape_size)
         values = iprop(images, base_maps, precision=config.precision, **iprop_hparams)
         maps = jax.block_until_ready(jnp.broadcast_to(values[..., None], images.shape))
     else:
@@ -565,5 +624,137 @@ class _RunningMean:
 
 
 def _progress(*, total: int, initial: int, desc: str, enabled: bool):
+    """The tqdm bar of a variant: fractional images (a batch advances per stage and per scored
+    chunk); ETA from the mean rate since the start (``smoothing=0``), exact at batch ends."""
     from tqdm.auto import tqdm
-    return tqdm(total=total, initial=initial, desc=desc, unit="img", disable=not enabled)
+    return tqdm(total=total, initial=initial, desc=desc, unit="img", disable=not enabled, smoothing=0,
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total_fmt} img "
+                           "[{elapsed}<{remaining}, {rate_fmt}{postfix}]")
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+class _RunProgress:
+    """Progress of a run: a tqdm bar (``progress=True``) or one INFO line per (variant, batch).
+
+    The bar counts maps (an image under a variant; with one variant, images). Within a batch each
+    stage (the maps, then each protocol's insertion/deletion games) owns a share of the batch's
+    images, proportional to the seconds per image the stage took in the variant's previous batch
+    (equal shares in its first batch, or when the stages differ). The maps are one call per batch:
+    their share is added when it returns, while the bar's clock ticks and its postfix names the
+    variant and stage; the games advance it per scored chunk (the ``progress`` callback of
+    :func:`la_iprop.metrics.evaluate`). At each batch end the count is exact again. Without the bar
+    (``--progress=false``) each batch logs its stage seconds, images/s and the run's ETA.
+    """
+
+    def __init__(self, *, total: int, done: int, batches: int, desc: str, enabled: bool):
+        self.batches, self.enabled = batches, enabled
+        self.bar = _progress(total=total, initial=done, desc=desc, enabled=enabled)
+        self.total, self.done, self.position = total, done, float(done)   # maps: exact / fractional
+        self.started = time.perf_counter()
+        self.session_maps = 0
+        self.per_image: dict[str, dict[str, float]] = {}   # variant -> seconds per image of each stage
+        self.lock = threading.Lock()
+        self.variant, self.running, self.number, self.n = "", None, 0, 0
+        self.shares: dict[str, float] = {}
+        self.stage_done: dict[str, float] = {}
+        self.timings: dict[str, float] = {}
+        self.current: str | None = None
+
+    # ------------------------------------------------------------------ batches and stages
+    def start_batch(self, variant: str, number: int, n: int, running: "_RunningMean") -> None:
+        self.variant, self.running, self.number, self.n = variant, running, number, n
+        self.timings, self.current, self.shares, self.stage_done = {}, None, {}, {}
+        self.batch_started = time.perf_counter()
+        self._postfix("loading")
+
+    def set_stages(self, stages) -> None:
+        stages = list(stages)
+        previous = self.per_image.get(self.variant, {})
+        seconds = [previous.get(s) for s in stages]
+        if stages and None not in seconds and sum(seconds) > 0:
+            self.shares = {s: t / sum(seconds) for s, t in zip(stages, seconds, strict=True)}
+        else:
+            self.shares = {s: 1.0 / len(stages) for s in stages} if stages else {}
+        self.stage_done = {s: 0.0 for s in stages}
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        if name not in self.shares:  # not planned: no share of the bar, its seconds are still logged
+            self.shares[name], self.stage_done[name] = 0.0, 0.0
+        self.current = name
+        self._postfix("attribution" if name == "attribution" else f"metrics {name}")
+        started = time.perf_counter()
+        stop = threading.Event()
+        ticker = threading.Thread(target=self._tick, args=(stop,), daemon=True) if self.enabled else None
+        if ticker is not None:
+            ticker.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            if ticker is not None:
+                ticker.join()
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - started
+            self._advance(name, 1.0)   # the stage is done: all of its share
+            self.current = None
+
+    def chunk(self, count: int, total: int) -> None:
+        """``evaluate``'s progress callback (host thread): ``count`` of ``total`` perturbed images scored."""
+        current = self.current
+        if current is not None and total > 0:
+            self._advance(current, self.stage_done.get(current, 0.0) + count / total)
+
+    def end_batch(self) -> None:
+        now = time.perf_counter()
+        seconds = now - self.batch_started
+        with self.lock:
+            self.done += self.n
+            self.bar.update(self.done - self.position)   # exact again (no fractional drift)
+            self.position = float(self.done)
+        self.session_maps += self.n
+        self.per_image[self.variant] = {s: t / self.n for s, t in self.timings.items()}
+        self._postfix(None)
+        if not self.enabled:
+            rate = self.session_maps / max(now - self.started, 1e-9)
+            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+            stages = ", ".join(f"{'attribution' if s == 'attribution' else 'metrics ' + s} {t:.1f} s"
+                               for s, t in self.timings.items())
+            log.info("%s: batch %d/%d, %d image%s (%d/%d maps done): %s; %.1f s (%.3g images/s); ETA %s for the "
+                     "run (%s: ins %.4f, del %.4f)", self.variant, self.number + 1, self.batches, self.n,
+                     "" if self.n == 1 else "s", self.done, self.total, stages or "nothing to compute", seconds,
+                     self.n / max(seconds, 1e-9), _duration(eta), self.variant, self.running.insertion,
+                     self.running.deletion)
+
+    def close(self) -> None:
+        self.bar.close()
+
+    # ------------------------------------------------------------------ display
+    def _advance(self, stage: str, fraction: float) -> None:
+        with self.lock:
+            fraction = min(max(fraction, self.stage_done.get(stage, 0.0)), 1.0)
+            step = (fraction - self.stage_done.get(stage, 0.0)) * self.shares.get(stage, 0.0) * self.n
+            self.stage_done[stage] = fraction
+            if step > 0:
+                step = min(step, self.done + self.n - self.position)
+                self.position += step
+                self.bar.update(step)
+
+    def _postfix(self, stage: str | None) -> None:
+        if not self.enabled or self.running is None:
+            return
+        scores = f"ins={self.running.insertion:.4f}, dele={self.running.deletion:.4f}" if self.running.ins else ""
+        where = f"{self.variant} · batch {self.number + 1}/{self.batches} · {stage}" if stage else self.variant
+        with self.lock:
+            self.bar.set_postfix_str(", ".join(part for part in (where, scores) if part))
+
+    def _tick(self, stop: threading.Event) -> None:
+        while not stop.wait(1.0):   # keeps the clock moving while a stage's single call runs
+            self.bar.refresh()

@@ -125,10 +125,19 @@ def measure_method(name: str, model, images: np.ndarray, labels: np.ndarray, ind
     def run(x, precision, key_array=keys):
         return lambda s: fn(model, x[s], labels[s], key=key_array[s], precision=precision, **hparams)
 
-    f32, f32_seconds = _in_batches(run(images, "float32"), images, size)
-    f64, f64_seconds = _in_batches(run(images, "float64"), images, size)
-    alone, _ = _in_batches(run(images, "float32"), images, 1)
-    nudged, _ = _in_batches(run(nudge_one_ulp(images), "float32"), images, size)
+    def stage(what, fn, *args):   # one log line per stage (each takes minutes on a CPU)
+        started = time.perf_counter()
+        out = fn(*args)
+        seconds = time.perf_counter() - started
+        log.info("%s: %s, %d images in %.1f s (%.3g images/s)", name, what, len(images), seconds,
+                 len(images) / max(seconds, 1e-9))
+        return out
+
+    f32, f32_seconds = stage("float32 maps", _in_batches, run(images, "float32"), images, size)
+    f64, f64_seconds = stage("float64 maps", _in_batches, run(images, "float64"), images, size)
+    alone, _ = stage("float32 maps one image at a time", _in_batches, run(images, "float32"), images, 1)
+    nudged, _ = stage("float32 maps of the nudged images", _in_batches, run(nudge_one_ulp(images), "float32"),
+                      images, size)
     pairs = {"f32_vs_f64": (f32, f64), "batch_vs_alone": (f32, alone), "ulp_nudge": (f32, nudged)}
     result = {"method": name, "hparams": {k: v for k, v in hparams.items() if k != "reference_images"},
               "images": [int(i) for i in indices], "labels": [int(v) for v in labels],
@@ -146,10 +155,12 @@ def measure_method(name: str, model, images: np.ndarray, labels: np.ndarray, ind
         game = evaluate(model, images, maps, protocol=protocol, labels=labels, precision="float32")
         return {"insertion": game.insertion_aucs.tolist(), "deletion": game.deletion_aucs.tolist()}
 
-    result["metric"] = {"float32": scores(f32), "float64": scores(f64)}
+    result["metric"] = {"float32": stage(f"metric {protocol.name} of the float32 maps", scores, f32),
+                        "float64": stage(f"metric {protocol.name} of the float64 maps", scores, f64)}
     if name in RANDOM_METHODS:
-        other, _ = _in_batches(run(images, "float32", image_keys(config.seed + 1, indices)), images, size)
-        result["metric"]["float32_next_seed"] = scores(other)
+        other, _ = stage("float32 maps with the next seed", _in_batches,
+                         run(images, "float32", image_keys(config.seed + 1, indices)), images, size)
+        result["metric"]["float32_next_seed"] = stage(f"metric {protocol.name} of the next seed's maps", scores, other)
         result["next_seed_pearson"] = [pearson(x, y) for x, y in zip(f32, other, strict=True)]
     return result
 

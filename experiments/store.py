@@ -58,6 +58,7 @@ FORMAT = 2  # run folders before this one stored one protocol's scores inside th
 MAP_KEYS = ("index", "id", "hash", "label", "predicted", "seconds", "run")
 SCORE_KEYS = ("index", "id", "hash", "insertion", "deletion", "insertion_curve", "deletion_curve", "run", "protocol")
 BATCH_NAME = re.compile(r"batch_(\d{5,})\.npz")
+UNFINISHED_NAME = re.compile(r"\.batch_(\d{5,})\.npz\..*\.tmp")  # atomic_write's temporary files
 
 
 class ConfigError(ValueError):
@@ -401,8 +402,9 @@ def scan(out: str | os.PathLike, directory: str | os.PathLike, check: Callable[[
     files of this process's batches (``mine``) with ``check``, and with ``strays`` every other entry
     that is not a batch of the run (another name, or a batch number >= ``batches``). Moves each file that
     fails to the quarantine; returns ``(relative path, reason)`` of those. Folders and hidden files are
-    left alone, except, with ``unfinished`` (only one process writes to the run), the temporary files of
-    writes that a killed run left unfinished (``.batch_*.tmp``)."""
+    left alone, except the temporary files of writes that a killed run left unfinished (``.batch_*.tmp``):
+    those of this process's batches (only this process writes them), and with ``unfinished`` (only one
+    process writes to the run) every one."""
     out, directory = pathlib.Path(out), pathlib.Path(directory)
     moved = []
     if not directory.is_dir():
@@ -411,7 +413,9 @@ def scan(out: str | os.PathLike, directory: str | os.PathLike, check: Callable[[
         if path.is_dir():
             continue
         if path.name.startswith("."):
-            if unfinished and path.name.startswith(".batch_") and path.name.endswith(".tmp"):
+            temporary = UNFINISHED_NAME.fullmatch(path.name)
+            own = temporary is not None and int(temporary.group(1)) < batches and mine(int(temporary.group(1)))
+            if (unfinished and path.name.startswith(".batch_") and path.name.endswith(".tmp")) or own:
                 reason = "an unfinished write (the run was stopped while writing it)"
                 quarantine(out, path, reason)
                 moved.append((str(path.relative_to(out)), reason))

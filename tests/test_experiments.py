@@ -96,7 +96,7 @@ def test_killed_run_resumes_to_the_same_csv(reference_run, tmp_path):
     (out / "scores" / "la" / "sm" / "batch_00001.npz").write_bytes(first.read_bytes()[:100])
     resumed = _cli(args)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "2 images already done" in resumed.stderr
+    assert "maps of 2 image(s) to compute (2 already stored)" in resumed.stderr
     assert _without_timing(_rows(out)) == _without_timing(_rows(reference_run[0]))
     quarantined = sorted(str(p.relative_to(out / "quarantine")) for p in (out / "quarantine").rglob("*.npz"))
     assert quarantined == ["batches/sm/batch_00005.npz", "scores/la/sm/batch_00001.npz"]

@@ -22,12 +22,24 @@ chunk in one forward pass. Memory is bounded by ``chunk_size`` perturbed images 
 inputs and their ranks, whatever the batch; every forward sees exactly ``chunk_size``
 images (the last chunk is padded with repeats), so a score does not depend on what else
 is in the batch.
+
+Progress: ``evaluate(..., progress=fn)`` compiles a host callback (``jax.debug.callback``) into
+the ``lax.map`` body that reports each scored chunk: ``fn(count, total)``, ``count`` the perturbed
+images of the chunk (padding excluded, so the counts sum to ``total = B * 2 * (steps + 1)``). The
+callback only reads the chunk's scores (a data dependency, so it fires after they are computed);
+it computes nothing, and the scores are bit-identical with and without it. Without ``progress``
+(the default) no callback is compiled: the program is the one without the feature. (JAX does not
+write programs with host callbacks to its persistent compilation cache, so with ``progress`` the
+games compile once per process.)
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
+import logging
+import threading
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -358,7 +370,8 @@ class GameResult:
 # ----------------------------------------------------------------------------- evaluation
 @with_precision
 def evaluate(logit_fn: Callable, images: Any, attributions: Any, *, protocol: str | Protocol = "la",
-             labels: Any = None, chunk_size: int | None = None) -> GameResult:
+             labels: Any = None, chunk_size: int | None = None,
+             progress: Callable[[int, int], Any] | None = None) -> GameResult:
     """Insertion and deletion curves of ``attributions`` (same shape as ``images``).
 
     Args:
@@ -370,6 +383,10 @@ def evaluate(logit_fn: Callable, images: Any, attributions: Any, *, protocol: st
         (the protocol of the LA and RISE papers).
       chunk_size: perturbed images per forward pass (bounds memory); None: 8 on CPU
         (fastest per image there), 64 on accelerators.
+      progress: None (default), or ``fn(count, total)`` called on the host after each chunk is
+        scored: ``count`` perturbed images just scored (their counts sum to ``total``, the
+        ``B * 2 * (steps + 1)`` images of the call). It only reports (the scores are identical
+        without it); an exception it raises is logged once and ignored.
       precision: "float32" (default) or "float64": the model, images, maps and scores in float64
         with JAX's x64 mode scoped to the call (see :mod:`la_iprop.precision`).
     """
@@ -410,8 +427,12 @@ def evaluate(logit_fn: Callable, images: Any, attributions: Any, *, protocol: st
     steps = proto.num_steps(height, width, channels)
     units = proto.num_units(height, width, channels)
     total = batch * 2 * (steps + 1)
-    curves, used = _play(logit_fn, images, attributions, labels, protocol=proto,
-                         chunk_size=min(chunk_size, total))
+    if progress is not None and not callable(progress):
+        raise TypeError(f"progress must be None or a callable fn(count, total), got {type(progress).__name__}")
+    with _progress_sink(progress, total, min(chunk_size, total)) as sink:
+        curves, used = _play(logit_fn, images, attributions, labels, sink, protocol=proto,
+                             chunk_size=min(chunk_size, total))
+        curves = np.asarray(curves)   # waits for every chunk (and its callback) inside the sink's scope
     curves = np.asarray(curves, np.float64)
     if not np.isfinite(curves).all():
         rows = np.flatnonzero(~np.isfinite(curves).reshape(batch, -1).all(axis=1))
@@ -420,6 +441,52 @@ def evaluate(logit_fn: Callable, images: Any, attributions: Any, *, protocol: st
     fractions = np.minimum(np.arange(steps + 1) * proto.step, units) / units
     return GameResult(insertion_curves=curves[:, 0], deletion_curves=curves[:, 1],
                       labels=np.asarray(used), labels_source=labels_source, fractions=fractions, protocol=record)
+
+
+# ----------------------------------------------------------------------------- progress
+# The host callback compiled into _play is this module-level function (one compiled program for
+# every call); the traced sink id routes each report to the ``progress`` of its evaluate call.
+_SINKS: dict[int, tuple[Callable, int, int]] = {}
+_SINK_IDS = itertools.count(1)
+_SINK_LOCK = threading.Lock()
+log = logging.getLogger(__name__)
+
+
+class _progress_sink:
+    """Registers ``progress`` for one evaluate call; yields its id (a traced int32) or None."""
+
+    def __init__(self, progress: Callable | None, total: int, chunk: int):
+        self.entry = None if progress is None else (progress, total, chunk)
+        self.id = None
+
+    def __enter__(self):
+        if self.entry is None:
+            return None
+        with _SINK_LOCK:
+            self.id = next(_SINK_IDS) % 2**31
+            _SINKS[self.id] = self.entry
+        return np.int32(self.id)
+
+    def __exit__(self, *exc):
+        if self.id is not None:
+            with _SINK_LOCK:
+                _SINKS.pop(self.id, None)
+        return False
+
+
+def _report_chunk(sink_id, first, _scores) -> None:
+    with _SINK_LOCK:
+        entry = _SINKS.get(int(sink_id))
+    if entry is None:
+        return
+    progress, total, chunk = entry
+    try:
+        progress(int(min(chunk, total - int(first))), total)
+    except Exception as err:  # noqa: BLE001 - a progress display must never stop an evaluation
+        with _SINK_LOCK:
+            if _SINKS.pop(int(sink_id), None) is not None:
+                log.warning("insertion/deletion progress callback failed (%s: %s); not called again",
+                            type(err).__name__, err)
 
 
 def _chunked(fn: Callable, n: int, chunk: int) -> jax.Array:
@@ -431,7 +498,7 @@ def _chunked(fn: Callable, n: int, chunk: int) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("protocol", "chunk_size"))
-def _play(logit_fn, images, attributions, labels, *, protocol: Protocol, chunk_size: int):
+def _play(logit_fn, images, attributions, labels, sink=None, *, protocol: Protocol, chunk_size: int):
     batch, height, width, channels = images.shape
     if labels is None:
         labels = _chunked(lambda i: jnp.argmax(logit_fn(images[i]), -1).astype(jnp.int32), batch, chunk_size)
@@ -466,7 +533,10 @@ def _play(logit_fn, images, attributions, labels, *, protocol: Protocol, chunk_s
         logits = logit_fn(batch_images).astype(images.dtype)
         if protocol.score == "probability":
             logits = jax.nn.softmax(logits, axis=-1)
-        return jnp.take_along_axis(logits, labels[b][:, None], axis=1)[:, 0]
+        scores = jnp.take_along_axis(logits, labels[b][:, None], axis=1)[:, 0]
+        if sink is not None:  # reports the chunk once its scores exist; reads them, changes nothing
+            jax.debug.callback(_report_chunk, sink, ns[0], scores)
+        return scores
 
     scores = _chunked(score_chunk, batch * 2 * points, chunk_size)
     return scores.reshape(batch, 2, points), labels
