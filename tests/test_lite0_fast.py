@@ -17,7 +17,7 @@ def _random_variables(module, key, shape):
     # Non-trivial BatchNorm statistics so every layer matters.
     leaves, tree = jax.tree_util.tree_flatten(variables)
     keys = jax.random.split(jax.random.PRNGKey(7), len(leaves))
-    leaves = [leaf + 0.1 * jnp.abs(jax.random.normal(k, leaf.shape)) for leaf, k in zip(leaves, keys)]
+    leaves = [leaf + 0.1 * jnp.abs(jax.random.normal(k, leaf.shape)) for leaf, k in zip(leaves, keys, strict=True)]
     return jax.tree_util.tree_unflatten(tree, leaves)
 
 
@@ -26,7 +26,7 @@ def test_pointwise_matmul_same_parameter_tree():
     matmul = EfficientNetLite0(num_classes=10).init(jax.random.PRNGKey(0), jnp.zeros(shape))
     conv = EfficientNetLite0(num_classes=10, pointwise="conv").init(jax.random.PRNGKey(0), jnp.zeros(shape))
     assert jax.tree_util.tree_structure(matmul) == jax.tree_util.tree_structure(conv)
-    for a, b in zip(jax.tree_util.tree_leaves(matmul), jax.tree_util.tree_leaves(conv)):
+    for a, b in zip(jax.tree_util.tree_leaves(matmul), jax.tree_util.tree_leaves(conv), strict=True):
         assert a.shape == b.shape and a.dtype == b.dtype
 
 
