@@ -32,6 +32,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--run-chunk", type=int, default=None, help="runs evaluated together (default: LA's, 1 on CPU, all K elsewhere)")
     parser.add_argument("--update", default="restart", choices=["restart", "pgd"])
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per setting (default 2; quick: 1)")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="random Flax initialisation of --model instead of its checkpoint (timing only)")
 
 
 def _cpu_seconds() -> float:
@@ -90,11 +92,15 @@ def run(args) -> dict:
     k = args.sampling_times
     default_chunk = 1 if jax.default_backend() == "cpu" else k   # local_attribution's run_chunk=None
     chunk = min(args.run_chunk or default_chunk, k)
-    model = load_model(args.model)
+    if args.random_weights:  # e.g. ResNet-50, whose weights cannot be downloaded here: the cost is the same
+        from bench_models import random_model_fn
+        model = random_model_fn(args.model, jax.random.PRNGKey(0))
+    else:
+        model = load_model(args.model)
     size = model.input_size
     settings = dict(spatial_range=args.spatial_range, max_iter=max_iter, sampling_times=k, update=args.update,
                     run_chunk=args.run_chunk)
-    results = {"model": args.model, **settings, "rows": []}
+    results = {"model": args.model, "random_weights": bool(args.random_weights), **settings, "rows": []}
     key = jax.random.PRNGKey(0)
     for batch in batches:
         images = jnp.asarray(np.random.default_rng(0).uniform(size=(batch, size, size, 3)), jnp.float32)
