@@ -1,4 +1,4 @@
-"""The LA paper's comparison: every registered method, with and without IProp, protocol 'la'.
+"""The LA paper's comparison: every registered method, with and without IProp, under protocols la and rise.
 
     python -m experiments.reproduce --data=la1000:../shared/data/la1000 --num_images=100 --name=cpu_quick
 
