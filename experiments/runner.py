@@ -624,8 +624,9 @@ class _RunningMean:
 
 
 def _progress(*, total: int, initial: int, desc: str, enabled: bool):
-    """The tqdm bar of a variant: fractional images (a batch advances per stage and per scored
-    chunk); ETA from the mean rate since the start (``smoothing=0``), exact at batch ends."""
+    """The tqdm bar of a run (see :class:`_RunProgress`): fractional counts of maps, an image under a
+    variant (a batch advances per stage and per scored chunk); ETA from the mean rate since the start
+    (``smoothing=0``), exact at batch ends."""
     from tqdm.auto import tqdm
     return tqdm(total=total, initial=initial, desc=desc, unit="img", disable=not enabled, smoothing=0,
                 bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total_fmt} img "
