@@ -15,9 +15,12 @@ leaving them waiting.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import logging
+import os
 import pathlib
+import socket
 import time
 from typing import Iterable
 
@@ -46,6 +49,8 @@ def initialize(coordinator_address: str | None, num_processes: int | None, proce
     if not detect and all(v is None for v in given):
         return False
     explicit = all(v is not None for v in given)
+    if explicit and 0 <= process_id < num_processes:
+        initialization_timeout = _check_coordinator(coordinator_address, process_id, initialization_timeout)
     try:
         jax.distributed.initialize(coordinator_address, num_processes, process_id,
                                    cluster_detection_method="deactivate" if explicit else None,
@@ -64,6 +69,44 @@ def initialize(coordinator_address: str | None, num_processes: int | None, proce
              jax.process_index(), jax.process_count(), _distributed.global_state.coordinator_address,
              heartbeat_timeout)
     return True
+
+
+def _check_coordinator(address: str, process_id: int, timeout: int) -> int:
+    """Checks, before jax does, what jax cannot report: on process 0, that the coordinator's port can be
+    bound (jax 0.10.2 segfaults on a port in use); on the others, that something answers at ``address``
+    within ``timeout`` seconds (jax aborts the process with a C++ stack trace). Returns the seconds of
+    ``timeout`` left for jax. Raises ValueError with a one-line reason."""
+    host, _, port_text = address.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"'{address}' is not HOST:PORT (e.g. 10.0.0.1:1234, a port in 1..65535)")
+    port = int(port_text)
+    start = time.monotonic()
+    if process_id == 0:
+        bind_address = os.environ.get("JAX_COORDINATOR_BIND_ADDRESS", f"[::]:{port}")
+        bind_host, _, bind_port = bind_address.rpartition(":")
+        try:
+            infos = socket.getaddrinfo(bind_host.strip("[]") or None, bind_port, type=socket.SOCK_STREAM)
+            family, kind, proto, _, sockaddr = infos[0]
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the gRPC server binds
+                probe.bind(sockaddr)
+        except OSError as err:
+            if err.errno not in (errno.EADDRINUSE, errno.EACCES):  # e.g. no IPv6 here: left to jax/gRPC
+                return timeout
+            raise ValueError(f"process 0 cannot start the coordinator on {bind_address}: {err.strerror} "
+                             f"(another run's coordinator? choose another port)") from None
+        return timeout
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=2.0):
+                return max(1, int(round(timeout - (time.monotonic() - start))))
+        except OSError as err:
+            if time.monotonic() - start >= timeout:
+                raise ValueError(f"nothing answers at {address} after {timeout} s ({err.strerror or err}): start "
+                                 f"process 0 with the same --coordinator_address, or check the host and port "
+                                 f"(--initialization_timeout sets the wait)") from None
+            time.sleep(1.0)
 
 
 def _first_line(err: BaseException) -> str:

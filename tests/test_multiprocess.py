@@ -222,11 +222,39 @@ def test_processes_arriving_far_apart_pass_the_barriers(tmp_path):
     (["--num_processes=0"], "--num_processes=0: 0 is not a positive integer"),
 ])
 def test_bad_distributed_flags_are_one_line(args, message, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "experiments.imagenet", "--method=sm", f"--out={tmp_path / 'x'}",
-                             *args], cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
-                            text=True, timeout=120)
+    _assert_one_line_error(_run_imagenet_sm(tmp_path, *args), message)
+    assert not (tmp_path / "x").exists()
+
+
+def _run_imagenet_sm(tmp_path, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "experiments.imagenet", "--method=sm", f"--out={tmp_path / 'x'}",
+                           *args], cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
+                          text=True, timeout=120)
+
+
+def _assert_one_line_error(result: subprocess.CompletedProcess, message: str) -> None:
     assert result.returncode == 1 and message in result.stderr, result.stderr[-2000:]
     assert result.stderr.strip().startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_unreachable_coordinator_and_busy_port_are_one_line(tmp_path):
+    """jax 0.10.2 aborts a process whose coordinator never answers (a C++ check failure with a stack
+    trace, after --initialization_timeout) and segfaults process 0 when the coordinator's port is in
+    use; the flags are checked first."""
+    closed = _free_port()  # nothing listens there
+    result = _run_imagenet_sm(tmp_path, f"--coordinator_address=127.0.0.1:{closed}", "--num_processes=2",
+                              "--process_id=1", "--initialization_timeout=2")
+    _assert_one_line_error(result, f"nothing answers at 127.0.0.1:{closed} after 2 s")
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        busy = listener.getsockname()[1]
+        result = _run_imagenet_sm(tmp_path, f"--coordinator_address=127.0.0.1:{busy}", "--num_processes=2",
+                                  "--process_id=0")
+    _assert_one_line_error(result, "process 0 cannot start the coordinator on [::]:"
+                                   f"{busy}: Address already in use")
+    result = _run_imagenet_sm(tmp_path, "--coordinator_address=localhost", "--num_processes=2", "--process_id=1")
+    _assert_one_line_error(result, "'localhost' is not HOST:PORT")
     assert not (tmp_path / "x").exists()
 
 
