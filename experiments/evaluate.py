@@ -24,6 +24,8 @@ import sys
 
 from absl import app, flags
 
+from experiments import multihost
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("maps", None, ".npz of maps made elsewhere: ids, one array per method, optional labels.")
 flags.DEFINE_list("layout", [], "Only for shapes two layouts fit: nchw | nhwc | hw, for every key or as KEY=LAYOUT.")
@@ -39,9 +41,7 @@ flags.DEFINE_string("out", None, "Output directory (default: runs/evaluate_<file
 flags.DEFINE_integer("devices", None, "Local devices to shard batches over (default: all).")
 flags.DEFINE_enum("precision", "float32", ["float32", "float64"], "float64: model, images, maps and metric in float64.")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
-flags.DEFINE_string("coordinator_address", None, "jax.distributed coordinator host:port (multi-host runs).")
-flags.DEFINE_integer("num_processes", None, "jax.distributed process count.")
-flags.DEFINE_integer("process_id", None, "jax.distributed process id.")
+multihost.define_flags()  # --coordinator_address, --num_processes, --process_id, --distributed, ...
 
 
 def default_out(maps: str, model: str, data: str, iprop: bool, precision: str = "float32") -> str:
@@ -57,9 +57,7 @@ def default_out(maps: str, model: str, data: str, iprop: bool, precision: str = 
 def main(argv):
     del argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    if FLAGS.coordinator_address:
-        import jax
-        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    multihost.initialize_from_flags()
 
     from experiments.external_maps import run_maps
     from experiments.runner import ConfigError, parse_hparams

@@ -19,6 +19,8 @@ import sys
 
 from absl import app, flags
 
+from experiments import multihost
+
 FLAGS = flags.FLAGS
 flags.DEFINE_list("method", ["la"], "Attribution method(s), comma separated (see --list).")
 flags.DEFINE_string("model", "efficientnet_lite0", "Registered model name.")
@@ -46,17 +48,7 @@ flags.DEFINE_enum("precision", "float32", ["float32", "float64"],
 flags.DEFINE_bool("save_attributions", True, "Keep the attribution maps in the batch .npz files.")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
 flags.DEFINE_bool("list", False, "List the registered methods and models, then exit.")
-# Multi-process runs (README "Multi-host runs"): every process runs the same command with its own --process_id.
-flags.DEFINE_string("coordinator_address", None, "jax.distributed: host:port of process 0 (multi-process runs; "
-                    "with all three of these flags, nothing is detected and each process uses all its local devices).")
-flags.DEFINE_integer("num_processes", None, "jax.distributed: the number of processes.", lower_bound=1)
-flags.DEFINE_integer("process_id", None, "jax.distributed: this process's id, 0 .. num_processes - 1.", lower_bound=0)
-flags.DEFINE_bool("distributed", False, "Initialise jax.distributed with the settings not given by the three flags "
-                  "above detected from the cluster (Cloud TPU pods, SLURM, Open MPI).")
-flags.DEFINE_integer("heartbeat_timeout", 100, "jax.distributed: seconds without a heartbeat after which a process "
-                     "counts as dead and every other process stops with an error.", lower_bound=1)
-flags.DEFINE_integer("initialization_timeout", 300, "jax.distributed: seconds a process waits for all the others "
-                     "to join at start-up.", lower_bound=1)
+multihost.define_flags()  # --coordinator_address, --num_processes, --process_id, --distributed, ...
 
 
 def default_out(method, model, data, settings, seed, iprop, num_images, start, precision="float32", stride=1) -> str:
@@ -79,13 +71,7 @@ def main(argv):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     import jax
 
-    from experiments import multihost
-    try:  # before anything touches a JAX device
-        multihost.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
-                             detect=FLAGS.distributed, heartbeat_timeout=FLAGS.heartbeat_timeout,
-                             initialization_timeout=FLAGS.initialization_timeout)
-    except ValueError as err:
-        sys.exit(f"error: --coordinator_address/--num_processes/--process_id: {err}")
+    multihost.initialize_from_flags()
 
     from experiments.runner import ConfigError, RunConfig, parse_hparams, run
     from la_iprop.attribution import available_methods

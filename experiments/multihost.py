@@ -21,13 +21,15 @@ import logging
 import os
 import pathlib
 import socket
+import sys
 import time
 from typing import Iterable
 
 import jax
+from absl import flags
 from jax._src import distributed as _distributed  # the coordination service client (no public handle)
 
-__all__ = ["initialize", "barrier", "process_zero_first", "wait_until_visible", "require_visible",
+__all__ = ["define_flags", "initialize_from_flags", "is_process_zero", "initialize", "barrier", "process_zero_first", "wait_until_visible", "require_visible",
            "BARRIER_TIMEOUT_S"]
 
 log = logging.getLogger("la_iprop")
@@ -36,6 +38,41 @@ log = logging.getLogger("la_iprop")
 # detector (a dead process is detected by the heartbeat within --heartbeat_timeout).
 BARRIER_TIMEOUT_S = 7 * 24 * 3600
 _BARRIER_IDS = itertools.count()  # every process calls the barriers of a run in the same order
+
+
+def define_flags() -> None:
+    """The multi-process flags of every CLI that runs the runner (README "Multi-host runs"): every
+    process runs the same command with its own --process_id."""
+    if "coordinator_address" in flags.FLAGS:  # already defined by another CLI module in this process
+        return
+    flags.DEFINE_string("coordinator_address", None, "jax.distributed: host:port of process 0 (multi-process runs; "
+                        "with all three of these flags, nothing is detected and each process uses all its local "
+                        "devices).")
+    flags.DEFINE_integer("num_processes", None, "jax.distributed: the number of processes.", lower_bound=1)
+    flags.DEFINE_integer("process_id", None, "jax.distributed: this process's id, 0 .. num_processes - 1.",
+                         lower_bound=0)
+    flags.DEFINE_bool("distributed", False, "Initialise jax.distributed with the settings not given by the three "
+                      "flags above detected from the cluster (Cloud TPU pods, SLURM, Open MPI).")
+    flags.DEFINE_integer("heartbeat_timeout", 100, "jax.distributed: seconds without a heartbeat after which a "
+                         "process counts as dead and every other process stops with an error.", lower_bound=1)
+    flags.DEFINE_integer("initialization_timeout", 300, "jax.distributed: seconds a process waits for all the "
+                         "others to join at start-up.", lower_bound=1)
+
+
+def initialize_from_flags() -> bool:
+    """``initialize`` with the flags of ``define_flags``, before anything touches a JAX device; a
+    setting it refuses ends the program with one line and exit status 1."""
+    f = flags.FLAGS
+    try:
+        return initialize(f.coordinator_address, f.num_processes, f.process_id, detect=f.distributed,
+                          heartbeat_timeout=f.heartbeat_timeout, initialization_timeout=f.initialization_timeout)
+    except ValueError as err:
+        sys.exit(f"error: --coordinator_address/--num_processes/--process_id: {err}")
+
+
+def is_process_zero() -> bool:
+    """Whether this process writes what a run shares beyond its own batches (reports, results)."""
+    return jax.process_index() == 0
 
 
 def initialize(coordinator_address: str | None, num_processes: int | None, process_id: int | None, *,

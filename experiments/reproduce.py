@@ -16,12 +16,13 @@ import dataclasses
 import json
 import pathlib
 import shlex
-import shutil
 import sys
 
+import jax
 import numpy as np
 from absl import app, flags
 
+from experiments import multihost
 from experiments.runner import CONTROL_SUFFIX, atomic_write
 from la_iprop.iprop import IPROP_SUFFIX
 from la_iprop.metrics.comparison import METRICS, Comparison, Scores, compare, exceeds_noise, summarize
@@ -57,6 +58,7 @@ def define_flags() -> None:
     flags.DEFINE_bool("interim", False, "Compute nothing: report the run as it stands (the images finished for every "
                       "method and protocol) as an interim section, e.g. while it runs in the background.")
     flags.DEFINE_bool("progress", True, "Show progress bars.")
+    multihost.define_flags()  # the run on several processes/hosts: README "Multi-host runs"
 
 
 ADVERSARIAL = ("agi", "big", "mfaba", "attexplore")
@@ -334,13 +336,15 @@ def main(argv):
     del argv
     import logging
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    from experiments.runner import ConfigError, RunConfig, parse_hparams, report_interim, run
-    from la_iprop.attribution import available_methods
-
     results_dir = pathlib.Path(FLAGS.results_dir)
     if FLAGS.report_only:
         print(write_report(results_dir))
         return 0
+    if not FLAGS.interim:  # (an interim report only reads the run: one process)
+        multihost.initialize_from_flags()
+    from experiments.runner import ConfigError, RunConfig, parse_hparams, report_interim, run
+    from la_iprop.attribution import available_methods
+
     if not FLAGS.name:
         sys.exit("error: --name: give this run's section a name, e.g. --name=cpu_quick")
     methods = tuple(FLAGS.method or available_methods())
@@ -368,18 +372,28 @@ def main(argv):
         sys.exit(f"error: {err}")
     except RuntimeError as err:  # e.g. --interim before any image is finished everywhere
         sys.exit(f"error: {err}")
+    if not multihost.is_process_zero():  # process 0 merged the runs; it alone writes the results
+        print(f"process {jax.process_index()} of {jax.process_count()}: its batches are written; process 0 writes "
+              f"the results")
+        return 0
     section = results_dir / "reproduction" / FLAGS.name
     for stale in section.glob("la_seed*.csv"):  # an interim section has none; a finished one rewrites them
         stale.unlink()
-    section.mkdir(parents=True, exist_ok=True)
     for seed, out in seed_runs.items():
-        shutil.copyfile(out / "results.csv", section / f"la_seed{seed}.csv")
+        _copy(out / "results.csv", section / f"la_seed{seed}.csv")
     for name in ("summary.json", "results.md", "results.csv", "heatmaps.png", "curves.png"):
-        shutil.copyfile(pathlib.Path(config.out) / name, section / name)
-    (section / "command.txt").write_text("python -m experiments.reproduce " + " ".join(
-        shlex.quote(a) for a in sys.argv[1:] if a not in ("--interim", "--interim=true")) + "\n")
+        _copy(pathlib.Path(config.out) / name, section / name)
+    command = "python -m experiments.reproduce " + " ".join(
+        shlex.quote(a) for a in sys.argv[1:] if a not in ("--interim", "--interim=true"))
+    atomic_write(section / "command.txt", lambda f: f.write(command + "\n"))
     print(write_report(results_dir))
     return 0
+
+
+def _copy(source: pathlib.Path, target: pathlib.Path) -> None:
+    """A whole copy or none: the report reads these files, and an interrupted copy must not look finished."""
+    content = source.read_bytes()
+    atomic_write(target, lambda f: f.write(content), mode="wb")
 
 
 if __name__ == "__main__":

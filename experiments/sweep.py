@@ -27,6 +27,8 @@ import sys
 
 from absl import app, flags
 
+from experiments import multihost
+
 FLAGS = flags.FLAGS
 
 
@@ -38,6 +40,7 @@ def define_flags() -> None:
     flags.DEFINE_bool("progress", True, "Show progress bars.")
     flags.DEFINE_enum("precision", None, ["float32", "float64"],
                       "Precision of every cell (overrides the config's 'precision'; default: the config's, else float32).")
+    multihost.define_flags()  # the cells on several processes/hosts: README "Multi-host runs"
 
 
 _RUN_KEYS = ("data", "tfds_data_dir", "num_images", "start", "stride", "batch_size", "seed", "protocols", "iprop",
@@ -102,12 +105,16 @@ def run_sweep(spec: dict, out: str | pathlib.Path, *, progress: bool = True) -> 
     for name, config in configs:
         logging.getLogger("la_iprop").info("sweep cell %s", name)
         run(config, progress=progress, model=models[(config.model, config.weights)])
+        if not multihost.is_process_zero():  # process 0 merged the cell; it alone writes the sweep's table
+            continue
         for protocol in config.protocols:
             for variant in method_variants(config):
                 row = {"cell": name, "model": config.model, "protocol": protocol, "method": variant,
                        "hparams": json.dumps(config.hparams.get(config.methods[0], {}), sort_keys=True)}
                 row.update(summarize_variant(load_records(config.out, variant, protocol)))
                 rows.append(row)
+    if not rows:  # a process other than 0
+        return []
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
     writer.writeheader()
@@ -124,6 +131,7 @@ def run_sweep(spec: dict, out: str | pathlib.Path, *, progress: bool = True) -> 
 def main(argv):
     del argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    multihost.initialize_from_flags()
     from experiments.runner import ConfigError
     if not FLAGS.config or not FLAGS.out:
         sys.exit("error: --config and --out are required")
@@ -134,10 +142,11 @@ def main(argv):
     try:
         if FLAGS.precision:
             spec = {**spec, "precision": FLAGS.precision}
-        run_sweep(spec, FLAGS.out, progress=FLAGS.progress)
+        rows = run_sweep(spec, FLAGS.out, progress=FLAGS.progress)
     except ConfigError as err:
         sys.exit(f"error: {err}")
-    print((pathlib.Path(FLAGS.out) / "sweep.md").read_text())
+    if rows:  # (process 0)
+        print((pathlib.Path(FLAGS.out) / "sweep.md").read_text())
     return 0
 
 

@@ -4,8 +4,6 @@ and propagated by the runner, with a tiny classifier (32x32 inputs, 10 classes) 
 The scores must be those of ``la_iprop.metrics.evaluate`` called directly on the same maps (float64 runs:
 equal to the last bit), the same for every layout of the same maps, and every bad file must stop with one
 line before anything is written.
-
-Run as a script, this file is ``python -m experiments.evaluate`` with the tiny model registered.
 """
 
 from __future__ import annotations
@@ -20,56 +18,15 @@ import zipfile
 
 import numpy as np
 import pytest
+import tiny_model as tiny
+from conftest import LA1000
+from tiny_model import SIZE, TINY
+
+from experiments.external_maps import detect_layout, parse_layouts, run_maps
+from experiments.store import ConfigError, load_records
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-TINY = "tiny_eval_cnn"
-SIZE = 32
 IDS = ["7", "2", "5"]  # la1000 ids, not in the data set's order: maps are matched by id
-
-
-def _build_tiny(weights):
-    import flax.linen as nn
-
-    from la_iprop.models.zoo import ModelFn
-
-    class TinyCNN(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            x = jax.nn.relu(nn.Conv(4, (3, 3), strides=(2, 2))(x))
-            return nn.Dense(10)(jnp.mean(x, axis=(1, 2)))
-
-    del weights
-    module = TinyCNN()
-    variables = module.init(jax.random.PRNGKey(0), jnp.zeros((1, SIZE, SIZE, 3)))
-    return ModelFn(variables=variables, module=module, preprocess=lambda x: x * 2.0 - 1.0, name=TINY,
-                   input_size=SIZE, num_classes=10)
-
-
-def _register(models: dict) -> None:
-    from la_iprop.models.zoo import ModelSpec
-    models[TINY] = ModelSpec(TINY, _build_tiny, "a tiny random CNN for tests (32x32, 10 classes)", default_weights=dict)
-
-
-if __name__ == "__main__":
-    from absl import app
-
-    from experiments import evaluate
-    from la_iprop.models import zoo
-
-    _register(zoo._MODELS)
-    app.run(evaluate.main, flags_parser=evaluate.parse_flags)
-    sys.exit(0)
-
-from conftest import LA1000  # noqa: E402
-
-from experiments.external_maps import detect_layout, parse_layouts, run_maps  # noqa: E402
-from experiments.store import ConfigError, load_records  # noqa: E402
 
 DATA = f"la1000:{LA1000}"
 pytestmark = pytest.mark.skipif(not (LA1000 / "labels.json").exists(), reason="la1000 images not available")
@@ -79,7 +36,7 @@ pytestmark = pytest.mark.skipif(not (LA1000 / "labels.json").exists(), reason="l
 def tiny_model():
     from la_iprop.models import zoo
     with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(zoo._MODELS, TINY, zoo.ModelSpec(TINY, _build_tiny, "tiny", default_weights=dict))
+        mp.setitem(zoo._MODELS, TINY, tiny.spec())
         yield TINY
 
 
@@ -257,7 +214,7 @@ def _forged(path: pathlib.Path, maps: np.ndarray) -> pathlib.Path:
 @pytest.mark.parametrize("case, message", [
     ("unknown id", r"1 id\(s\) are not images of the data source: 'nope'"),
     ("duplicate id", r"ids holds '7' more than once"),
-    ("size", r"m holds 16x16 maps \(nchw, shape \[3,3,16,16\]\), tiny_eval_cnn takes 32x32 images"),
+    ("size", r"m holds 16x16 maps \(nchw, shape \[3,3,16,16\]\), tiny_cnn takes 32x32 images"),
     ("nan", r"m: the map of id '2' holds NaN or infinite values"),
     ("ambiguous", r"m has shape \[3,3,32,3\], which fits both nchw"),
     ("count", r"m holds 2 maps .* ids holds 3 ids"),
@@ -287,7 +244,7 @@ def test_bad_files_stop_with_one_line_before_writing(tmp_path, torch_maps, case,
 
 def _cli(args):
     env = dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, str(pathlib.Path(__file__)), *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, tiny.__file__, "experiments.evaluate", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import os
 import pathlib
 import socket
@@ -52,7 +53,10 @@ def jax_cache(tmp_path_factory) -> pathlib.Path:
 class _Launch:
     """Processes of one run, their output in files (no pipe can fill up and block them)."""
 
-    def __init__(self, out: pathlib.Path, cache: pathlib.Path, processes: int, extra=(), tag: str = ""):
+    def __init__(self, out: pathlib.Path, cache: pathlib.Path, processes: int, extra=(), tag: str = "",
+                 command=None):
+        """``command``: the program and its flags (default: ``experiments.imagenet`` with ARGS, --out=out)."""
+        command = command or ["-m", "experiments.imagenet", *ARGS, f"--out={out}"]
         self.out, self.logs, self.procs = out, [], []
         env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
                    XLA_FLAGS="--xla_force_host_platform_device_count=1",
@@ -67,7 +71,7 @@ class _Launch:
             self.logs.append(log)
             with open(log, "w") as f:
                 self.procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "experiments.imagenet", *ARGS, f"--out={out}", *distributed,
+                    [sys.executable, *command, *distributed,
                      *([f"--process_id={i}"] if processes > 1 else []), *extra],
                     cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT))
 
@@ -169,6 +173,47 @@ def test_killed_process_then_resumed_gives_the_single_process_records(tmp_path, 
     assert not leftovers, f"unfinished writes left in the run: {leftovers}"
 
 
+def _table(path: pathlib.Path, drop=("seconds", "seconds_per_image")) -> list[dict]:
+    with open(path) as f:
+        return [{k: v for k, v in row.items() if k not in drop} for row in csv.DictReader(f)]
+
+
+@pytest.mark.slow
+def test_reproduce_and_sweep_on_two_processes_equal_one(tmp_path, jax_cache):
+    """``experiments.reproduce`` (with its LA seed run) and ``experiments.sweep`` as 2 processes: the same
+    tables as one process, written by process 0 alone. With the tiny model (32x32), so it takes seconds
+    of compute; most of the time is start-up and compilation."""
+    tiny = [str(ROOT / "tests" / "tiny_model.py")]
+    common = ["--model=tiny_cnn", "--data=samples", "--num_images=4", "--batch_size=1", "--progress=false"]
+    reproduce = [*tiny, "experiments.reproduce", "--name=mp", "--method=sm,la", "--la_seeds=2",
+                 "--hparams=la.max_iter=2,la.sampling_times=2", *common]
+    config = tmp_path / "sweep.json"
+    config.write_text(json.dumps({"methods": ["sm", "ig"], "models": ["tiny_cnn"], "data": "samples",
+                                  "num_images": 4, "batch_size": 1, "protocols": ["la", "rise"]}))
+    sweep = [*tiny, "experiments.sweep", f"--config={config}", "--progress=false"]
+    logs = {}
+    for processes in (1, 2):  # (a launch starts its processes)
+        base = tmp_path / f"p{processes}"
+        base.mkdir()
+        for name, command in (("reproduce", [*reproduce, f"--runs_dir={base / 'runs'}",
+                                             f"--results_dir={base / 'results'}"]),
+                              ("sweep", [*sweep, f"--out={base / 'sweep'}"])):
+            launch = _Launch(base / name, jax_cache, processes, command=command)
+            with _launched(launch):
+                assert launch.wait() == [0] * processes, launch.tails()
+            logs[processes, name] = [launch.log(i) for i in range(processes)]
+    one, two = tmp_path / "p1", tmp_path / "p2"
+    for name in ("results.csv", "la_seed1.csv"):
+        got, expected = _table(two / "results" / "reproduction" / "mp" / name), \
+            _table(one / "results" / "reproduction" / "mp" / name)
+        assert got == expected and len(got) == 4 * (6 if name == "results.csv" else 1) * 2, name  # variants x protocols
+    assert (two / "results" / "REPRODUCTION.md").read_text().count("## Run `mp`") == 1
+    assert "process 1 of 2: its batches are written; process 0 writes the results" in logs[2, "reproduce"][1]
+    assert _table(two / "sweep" / "sweep.csv") == _table(one / "sweep" / "sweep.csv")
+    assert len(_table(two / "sweep" / "sweep.csv")) == 2 * 2  # cells x protocols
+    assert "| cell |" in logs[2, "sweep"][0] and "| cell |" not in logs[2, "sweep"][1]  # process 0 prints it
+
+
 BARRIER_SCRIPT = """
 import sys, time
 from experiments import multihost
@@ -256,6 +301,12 @@ def test_unreachable_coordinator_and_busy_port_are_one_line(tmp_path):
     result = _run_imagenet_sm(tmp_path, "--coordinator_address=localhost", "--num_processes=2", "--process_id=1")
     _assert_one_line_error(result, "'localhost' is not HOST:PORT")
     assert not (tmp_path / "x").exists()
+    for program in ("experiments.evaluate", "experiments.sweep", "experiments.reproduce"):  # the same flags
+        result = subprocess.run([sys.executable, str(ROOT / "tests" / "tiny_model.py"), program,
+                                 f"--coordinator_address=127.0.0.1:{closed}", "--num_processes=2", "--process_id=1",
+                                 "--initialization_timeout=1"], cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                                capture_output=True, text=True, timeout=120)
+        _assert_one_line_error(result, f"nothing answers at 127.0.0.1:{closed} after 1 s")
 
 
 def test_each_process_moves_aside_only_the_unfinished_writes_of_its_own_batches(tmp_path):

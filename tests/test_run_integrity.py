@@ -4,10 +4,6 @@ Attributions once, metrics many (a protocol added to a finished run computes no 
 selection, and what a resumed run checks: the data's fingerprint (an added or changed image is
 another run), every batch file (corrupt, short, stray or foreign files are moved to quarantine/
 and recomputed), and every flag before anything is written.
-
-Run as a script, this file is ``python -m experiments.imagenet`` with the tiny model registered
-(for the CLI tests that need a subprocess); ``LA_IPROP_TEST_PAUSE=SECONDS`` then sleeps after
-every batch file written, so a test can SIGKILL the run at a known point.
 """
 
 from __future__ import annotations
@@ -15,49 +11,14 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
-import os
 import pathlib
-import sys
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
+import tiny_model as tiny
+from tiny_model import TINY
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
-
-import flax.linen as nn  # noqa: E402
-
-from la_iprop.models.zoo import ModelFn, ModelSpec  # noqa: E402
-
-TINY = "tiny_test_cnn"
-
-
-class _TinyCNN(nn.Module):
-    num_classes: int = 10
-    activation: object = jax.nn.relu
-
-    @nn.compact
-    def __call__(self, x):
-        x = self.activation(nn.Conv(4, (3, 3), strides=(2, 2))(x))
-        return nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))
-
-
-def _preprocess(images):
-    return images * 2.0 - 1.0
-
-
-def _build_tiny(weights) -> ModelFn:
-    del weights
-    module = _TinyCNN()
-    variables = module.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
-    return ModelFn(variables=variables, module=module, preprocess=_preprocess, name=TINY, input_size=32,
-                   num_classes=10)
-
-
-TINY_SPEC = ModelSpec(TINY, _build_tiny, "a tiny random CNN for tests (32x32, 10 classes)", default_weights=dict)
+TINY_SPEC = tiny.spec()
 
 
 @contextlib.contextmanager
@@ -175,7 +136,7 @@ def test_stride_selects_every_kth_image_with_keys_from_the_dataset_index(tmp_pat
     assert records["index"].tolist() == [1, 3, 5]
     assert records["id"].tolist() == [source.ids[i] for i in (1, 3, 5)]
     # sg draws noise from each image's key: the key of dataset index 3, not of position 1
-    model = _build_tiny(None)
+    model = tiny.build(None)
     image = open_source("samples", size=32).load([3]).images
     direct = get_method("sg").fn(model, image, records["predicted"][1:2], key=image_keys(1, np.asarray([3])),
                                  **get_method("sg").quick)
@@ -335,26 +296,3 @@ def test_bad_batch_files_are_moved_aside_and_recomputed(tmp_path, counted):
     run(config, progress=False)  # a finished run: nothing moved, nothing computed
     assert counted == [] and len((out / "quarantine" / "log.txt").read_text().splitlines()) == len(planted)
 
-
-if __name__ == "__main__":
-    from absl import app
-
-    from la_iprop.models import zoo
-
-    zoo.register_model(TINY_SPEC)
-    pause = float(os.environ.get("LA_IPROP_TEST_PAUSE", "0"))
-    if pause:
-        import time
-
-        from experiments import store
-
-        write = store.write_npz
-
-        def slow_write(path, record):
-            write(path, record)
-            print(f"wrote {path}", flush=True)
-            time.sleep(pause)
-
-        store.write_npz = slow_write
-    from experiments import imagenet
-    app.run(imagenet.main)
