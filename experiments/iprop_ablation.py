@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.runner import REFERENCE_SET_SIZE, image_keys
-from experiments.store import write_npz
+from experiments.store import atomic_write, write_json, write_npz
 from la_iprop.iprop import REWARD_RULES, IPropConfig, iprop
 from la_iprop.iprop.tuning import GRID, RAW, coarse_points, search, setting_key
 from la_iprop.metrics import auc, get_protocol
@@ -347,8 +347,7 @@ def write_report(path: pathlib.Path, *, command: str, args: argparse.Namespace, 
                 lines.append(f"| {axis} | {value} | {_fmt(max(matching))} | {len(matching)} |")
     lines += ["", "Protocol record: `" + json.dumps(protocol, default=str) + "`", ""]
     text = "\n".join(lines)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    atomic_write(path, lambda f: f.write(text))
     return text
 
 
@@ -446,7 +445,7 @@ def main(argv: list[str] | None = None) -> dict:
     record = {"command": command, "chosen": chosen, "tuning": {"raw": raw_tune, "controls": controls_tune,
                                                                "settings": results},
               "heldout": held, "environment": env, "args": {k: v for k, v in vars(args).items()}}
-    out.with_suffix(".json").write_text(json.dumps(record, indent=1, default=str))
+    write_json(out.with_suffix(".json"), record)
     _log(f"wrote {out} and {out.with_suffix('.json')}")
     return record
 

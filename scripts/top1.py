@@ -14,7 +14,6 @@ checkpoint on the same preprocessed arrays and also reports how many predictions
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -26,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from experiments.store import write_json  # noqa: E402
 from la_iprop.data import open_source  # noqa: E402
 from la_iprop.models import available_models, load_model  # noqa: E402
 
@@ -105,8 +105,7 @@ def main(argv=None) -> int:
                 f"images; max |logit difference| {max_diff:.2g}"
     print(line)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(args.json, result)
     return 0
 
 
