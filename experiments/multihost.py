@@ -29,8 +29,8 @@ import jax
 from absl import flags
 from jax._src import distributed as _distributed  # the coordination service client (no public handle)
 
-__all__ = ["define_flags", "initialize_from_flags", "is_process_zero", "initialize", "barrier", "process_zero_first", "wait_until_visible", "require_visible",
-           "BARRIER_TIMEOUT_S"]
+__all__ = ["define_flags", "initialize_from_flags", "is_process_zero", "initialize", "barrier", "process_zero_first",
+           "wait_until_visible", "require_visible", "BARRIER_TIMEOUT_S"]
 
 log = logging.getLogger("la_iprop")
 

@@ -147,6 +147,10 @@ def main(argv):
         sys.exit(f"error: {err}")
     if rows:  # (process 0)
         print((pathlib.Path(FLAGS.out) / "sweep.md").read_text())
+    else:
+        import jax
+        print(f"process {jax.process_index()} of {jax.process_count()}: its batches of every cell are written; "
+              f"process 0 wrote the sweep's table")
     return 0
 
 
