@@ -1,6 +1,7 @@
 """IProp ablation: which graph / propagation settings help which attribution methods.
 
     python -m experiments.iprop_ablation --methods=sm,ig,la
+    python -m experiments.iprop_ablation --methods=sm,ig,la --protocol=rise --out=results/iprop_ablation_rise.md
     python -m experiments.iprop_ablation --methods=sm --tune=0:4 --heldout=800:804 --settings=quick \\
         --search=coordinate --cache=/tmp/ablation --out=/tmp/ablation.md          # a smoke run
 
@@ -9,7 +10,8 @@
 2. IProp settings from the grid ``k x radius x gamma x sigma_c x color_space x reward``
    (``--search=full``: every valid combination; ``coordinate``: coordinate ascent from the
    library defaults, one axis at a time, until a full pass changes nothing) are scored on
-   the tuning split with the ``la`` insertion/deletion protocol. Per-image AUCs of each
+   the tuning split with the ``la`` insertion/deletion protocol (``--protocol=rise``: RISE's,
+   per pixel, the IProp paper's kind of evaluation). Per-image AUCs of each
    (method, setting) are cached too. The score of a setting is the mean over methods of
    ``ins - del`` (AUC of the mean curve), so one default is chosen for all methods.
 3. The ``gamma = 0`` control (same reward rule, no propagation) is scored for every reward
@@ -48,7 +50,12 @@ from la_iprop.models import predict
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_DATA = "la1000:" + str(ROOT.parent / "shared" / "data" / "la1000")
 
-LA_STEP = get_protocol("la").step  # elements per step of protocol ``la``
+PROTOCOL_TEXT = {  # how the report describes the protocol it tuned and tested with
+    "la": "official LA/MFABA evaluation: softmax probability of the clean top-1 class, all H·W·3 elements ranked, "
+          "3·224 per step, black substrate; AUC of the mean curve",
+    "rise": "RISE/IProp evaluation: softmax probability of the clean top-1 class, pixels ranked by the channel-summed "
+            "map, 224 per step, insertion from a blurred image, deletion to the mean colour; AUC of the mean curve",
+}
 
 
 # ----------------------------------------------------------------------------- caching
@@ -73,6 +80,8 @@ class Ablation:
         from la_iprop.models import load_model
 
         self.args = args
+        self.protocol = args.protocol
+        self.step = get_protocol(args.protocol).step  # units per step of the protocol itself
         self.model = load_model(args.model)
         self.source = open_source(args.data, size=self.model.input_size)
         self.cache = pathlib.Path(args.cache) / args.model / args.settings
@@ -143,12 +152,15 @@ class Ablation:
 
     # -------------------------------------------------------------------- scores
     def score_path(self, method: str, split: Split, config: IPropConfig | None, step: int) -> pathlib.Path:
-        protocol = "" if step == LA_STEP else f"step{step}"
-        return self.cache / "scores" / split.tag / protocol / self.method_dir(method) / f"{setting_key(config)}.npz"
+        protocol = "" if self.protocol == "la" else self.protocol  # (la's paths are those of older caches)
+        coarse = "" if step == self.step else f"step{step}"
+        return (self.cache / "scores" / split.tag / protocol / coarse / self.method_dir(method)
+                / f"{setting_key(config)}.npz")
 
-    def scores(self, method: str, split: Split, config: IPropConfig | None, step: int = LA_STEP) -> dict[str, Any]:
-        """Per-image insertion/deletion AUCs (protocol ``la``, ``step`` elements per step) of method
-        (+ IProp with ``config``)."""
+    def scores(self, method: str, split: Split, config: IPropConfig | None, step: int | None = None) -> dict[str, Any]:
+        """Per-image insertion/deletion AUCs (the run's protocol, ``step`` units per step; default: the
+        protocol's own) of method (+ IProp with ``config``)."""
+        step = step or self.step
         from la_iprop.metrics import evaluate
 
         path = self.score_path(method, split, config, step)
@@ -158,7 +170,7 @@ class Ablation:
                     self.cache_hits += 1
                     return _summary(f["insertion"], f["deletion"], float(f["iterations"]))
         maps = self.maps(method, split)
-        protocol = get_protocol("la", step=step)
+        protocol = get_protocol(self.protocol, step=step)
         started = time.perf_counter()
         ins, dele, iterations, ins_curves, del_curves = [], [], [], [], []
         bs = self.args.batch_size
@@ -188,15 +200,15 @@ class Ablation:
         return summary
 
     def curves(self, method: str, split: Split, config: IPropConfig | None) -> tuple[np.ndarray, np.ndarray]:
-        """The per-image insertion and deletion curves of a variant scored with protocol ``la``."""
-        path = self.score_path(method, split, config, LA_STEP)
+        """The per-image insertion and deletion curves of a variant scored with the run's protocol."""
+        path = self.score_path(method, split, config, self.step)
         if not path.exists():
             self.scores(method, split, config)
         with np.load(path) as f:
             return f["insertion_curves"], f["deletion_curves"]
 
     def setting_score(self, methods: Iterable[str], split: Split, config: IPropConfig | None,
-                      step: int = LA_STEP) -> dict[str, Any]:
+                      step: int | None = None) -> dict[str, Any]:
         per_method = {m: self.scores(m, split, config, step) for m in methods}
         return {"config": None if config is None else config.as_dict(), "per_method": per_method,
                 "score": float(np.mean([s["ins_minus_del"] for s in per_method.values()]))}
@@ -260,23 +272,23 @@ def write_report(path: pathlib.Path, *, command: str, args: argparse.Namespace, 
                  chosen: dict[str, Any], results: dict[str, dict], raw_tune: dict, controls_tune: dict[str, dict],
                  heldout: dict[str, dict[str, dict]], env: dict, protocol: dict, elapsed: float) -> str:
     ranked = sorted(results.values(), key=lambda r: r["score"], reverse=True)
+    unit = "elements" if protocol["ranking"] == "element" else "pixels"
     lines = [
         "# IProp ablation",
         "",
         f"Regenerate with (from the repository root): `{command}`",
         "",
         f"Model `{args.model}`, data `{args.data}`, method settings `{args.settings}`, seed {args.seed}. "
-        f"Protocol `la` (official LA/MFABA evaluation: softmax probability of the clean top-1 class, all H·W·3 "
-        f"elements ranked, 3·224 per step, black substrate; AUC of the mean curve). IProp maps are per pixel, "
+        f"Protocol `{args.protocol}` ({PROTOCOL_TEXT[args.protocol]}). IProp maps are per pixel, "
         f"broadcast to the 3 channels. Tuning split: images {args.tune}; held-out split: images {args.heldout}. "
         f"Search `{args.search}` over {json.dumps({k: list(v) for k, v in args.grid.items()})} "
         f"(σ_s, tol, max_iter at the library defaults): {len(results)} settings evaluated. "
         f"Score of a setting: mean over methods ({', '.join(methods)}) of ins − del on the tuning split"
-        + ("." if args.tune_step == LA_STEP else
-           f", scored with protocol `la` coarsened to {args.tune_step} elements per step (the `la` curve sampled "
-           f"at every {args.tune_step // LA_STEP}th point, {args.tune_step // LA_STEP}× cheaper); the held-out "
-           f"split uses protocol `la` itself, and its last column shows what the coarsened protocol gives on the "
-           f"same curves."),
+        + ("." if args.tune_step == protocol["step"] else
+           f", scored with protocol `{args.protocol}` coarsened to {args.tune_step} {unit} per step (the "
+           f"`{args.protocol}` curve sampled at every {args.tune_step // protocol['step']}th point, "
+           f"{args.tune_step // protocol['step']}× cheaper); the held-out split uses protocol `{args.protocol}` "
+           f"itself, and its last column shows what the coarsened protocol gives on the same curves."),
         "",
         f"Environment: jax {env['jax']} ({env['backend']}, {env['device']}), python {env['python']}; "
         f"{datetime.date.today()}; wall time {elapsed / 60:.1f} min this run "
@@ -377,9 +389,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max_passes", type=int, default=3, help="coordinate search: passes over the axes at most")
     p.add_argument("--grid", type=json.loads, default={},
                    help='JSON replacing some axes of the grid, e.g. \'{"gamma": [0.5, 0.9]}\' (smoke runs)')
-    p.add_argument("--tune_step", type=int, default=LA_STEP,
-                   help="elements per insertion/deletion step on the tuning split: a multiple of protocol la's "
-                        f"{LA_STEP}; k*{LA_STEP} samples the la curve at every k-th point (k times cheaper)")
+    p.add_argument("--protocol", choices=tuple(PROTOCOL_TEXT), default="la",
+                   help="insertion/deletion protocol of the tuning and the held-out scores (README, DESIGN.md)")
+    p.add_argument("--tune_step", type=int, default=None,
+                   help="units (la: elements, rise: pixels) per insertion/deletion step on the tuning split: a "
+                        "multiple k of the protocol's step (la 672, rise 224), which samples its curve at every "
+                        "k-th point (k times cheaper); default: the protocol's step")
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", default=str(ROOT / "runs" / "iprop_ablation"))
@@ -391,8 +406,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown:
         p.error(f"--grid: unknown axes {unknown}; axes: {list(GRID)}")
     args.grid = {**GRID, **{k: tuple(v) for k, v in args.grid.items()}}
-    if args.tune_step < 1 or args.tune_step % LA_STEP:
-        p.error(f"--tune_step: expected a positive multiple of {LA_STEP} (protocol la's step), got {args.tune_step}")
+    base_step = get_protocol(args.protocol).step
+    args.tune_step = base_step if args.tune_step is None else args.tune_step
+    if args.tune_step < 1 or args.tune_step % base_step:
+        p.error(f"--tune_step: expected a positive multiple of {base_step} (protocol {args.protocol}'s step), "
+                f"got {args.tune_step}")
     args.tune_range, args.heldout_range = args.tune, args.heldout
     args.tune, args.heldout = (_range_text(r) for r in (args.tune, args.heldout))
     return args
@@ -419,6 +437,7 @@ def main(argv: list[str] | None = None) -> dict:
     heldout = ablation.split("heldout", *args.heldout_range)
 
     step = args.tune_step
+    base_step = get_protocol(args.protocol).step
     raw_tune = ablation.setting_score(args.methods, tune, None, step)
     controls_tune = {rule: ablation.setting_score(args.methods, tune, IPropConfig(gamma=0.0, reward=rule), step)
                      for rule in REWARD_RULES}
@@ -431,7 +450,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     variants = {"raw": None, "ctrl": control, "iprop": chosen_config}
     held = {m: {name: ablation.scores(m, heldout, config) for name, config in variants.items()} for m in args.methods}
-    add_paired_statistics(ablation, heldout, variants, held, coarse=step // LA_STEP)
+    add_paired_statistics(ablation, heldout, variants, held, coarse=step // base_step)
 
     device = jax.devices()[0]
     env = {"jax": jax.__version__, "backend": jax.default_backend(),
@@ -441,7 +460,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = pathlib.Path(args.out)
     write_report(out, command=command, args=args, methods=args.methods, chosen=chosen, results=results,
                  raw_tune=raw_tune, controls_tune=controls_tune, heldout=held, env=env,
-                 protocol=get_protocol("la").to_dict(), elapsed=elapsed)
+                 protocol=get_protocol(args.protocol).to_dict(), elapsed=elapsed)
     record = {"command": command, "chosen": chosen, "tuning": {"raw": raw_tune, "controls": controls_tune,
                                                                "settings": results},
               "heldout": held, "environment": env, "args": {k: v for k, v in vars(args).items()}}

@@ -46,11 +46,13 @@ def test_coarse_protocol_is_the_curve_sampled_at_coarse_points(every):
 
 
 @pytest.mark.skipif(not LA1000.is_dir(), reason="needs ../shared/data/la1000")
-def test_small_ablation_writes_a_consistent_report(tmp_path):
+@pytest.mark.parametrize("protocol,tune_step,unit", [("la", 2688, "elements"), ("rise", 896, "pixels")])
+def test_small_ablation_writes_a_consistent_report(tmp_path, protocol, tune_step, unit):
     out = tmp_path / "ablation.md"
     record = iprop_ablation.main([
         "--methods=sm", "--settings=quick", f"--data=la1000:{LA1000}", "--tune=0:4:2", "--heldout=800:802",
-        "--tune_step=2688", "--batch_size=2", f"--cache={tmp_path / 'cache'}", f"--out={out}",
+        f"--protocol={protocol}", f"--tune_step={tune_step}", "--batch_size=2", f"--cache={tmp_path / 'cache'}",
+        f"--out={out}",
         '--grid={"k": [8, 16], "radius": [2], "gamma": [0.9], "sigma_c": [0.1], "color_space": ["lab"], '
         '"reward": ["sum"]}'])
     settings = record["tuning"]["settings"]
@@ -61,10 +63,14 @@ def test_small_ablation_writes_a_consistent_report(tmp_path):
     assert held["raw"]["num_images"] == 2 and held["iprop"]["gain_vs_raw_ci"]["n"] == 2
     ci = held["iprop"]["gain_vs_raw_ci"]
     assert ci["mean"] == pytest.approx(held["iprop"]["ins_minus_del"] - held["raw"]["ins_minus_del"], abs=1e-6)
-    # The held-out scores use protocol la itself; the tuning-protocol column is the same curves, sampled.
+    # The held-out scores use the protocol itself; the tuning-protocol column is the same curves, sampled.
     assert held["iprop"]["ins_minus_del"] != pytest.approx(held["iprop"]["ins_minus_del_tuning_protocol"], abs=1e-9)
     text = out.read_text()
-    assert "coarsened to 2688 elements per step" in text and "| sm | sm+iprop |" in text
+    assert f"coarsened to {tune_step} {unit} per step" in text and "| sm | sm+iprop |" in text
+    assert f"Protocol `{protocol}` (" in text and f"\"name\": \"{protocol}\"" in text
+    # rise's scores are cached apart from la's (whose paths are those of earlier caches)
+    scored = [path.relative_to(tmp_path / "cache").parts for path in (tmp_path / "cache").rglob("scores/**/*.npz")]
+    assert scored and all(("rise" in parts) == (protocol == "rise") for parts in scored)
     assert json.loads(out.with_suffix(".json").read_text())["chosen"] == record["chosen"]
     # A rerun is served from the cache: nothing is recomputed.
     again = iprop_ablation.main(shlex.split(record["command"])[3:])
