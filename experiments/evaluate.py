@@ -42,6 +42,7 @@ flags.DEFINE_integer("devices", None, "Local devices to shard batches over (defa
 flags.DEFINE_enum("precision", "float32", ["float32", "float64"], "float64: model, images, maps and metric in float64.")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
 multihost.define_flags()  # --coordinator_address, --num_processes, --process_id, --distributed, ...
+flags.adopt_module_key_flags(multihost)  # (listed by --help)
 
 
 def default_out(maps: str, model: str, data: str, iprop: bool, precision: str = "float32") -> str:

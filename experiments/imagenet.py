@@ -49,6 +49,7 @@ flags.DEFINE_bool("save_attributions", True, "Keep the attribution maps in the b
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
 flags.DEFINE_bool("list", False, "List the registered methods and models, then exit.")
 multihost.define_flags()  # --coordinator_address, --num_processes, --process_id, --distributed, ...
+flags.adopt_module_key_flags(multihost)  # (listed by --help)
 
 
 def default_out(method, model, data, settings, seed, iprop, num_images, start, precision="float32", stride=1) -> str:

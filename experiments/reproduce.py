@@ -59,6 +59,7 @@ def define_flags() -> None:
                       "method and protocol) as an interim section, e.g. while it runs in the background.")
     flags.DEFINE_bool("progress", True, "Show progress bars.")
     multihost.define_flags()  # the run on several processes/hosts: README "Multi-host runs"
+    flags.adopt_module_key_flags(multihost)  # (listed by --help)
 
 
 ADVERSARIAL = ("agi", "big", "mfaba", "attexplore")

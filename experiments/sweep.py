@@ -41,6 +41,7 @@ def define_flags() -> None:
     flags.DEFINE_enum("precision", None, ["float32", "float64"],
                       "Precision of every cell (overrides the config's 'precision'; default: the config's, else float32).")
     multihost.define_flags()  # the cells on several processes/hosts: README "Multi-host runs"
+    flags.adopt_module_key_flags(multihost)  # (listed by --help)
 
 
 _RUN_KEYS = ("data", "tfds_data_dir", "num_images", "start", "stride", "batch_size", "seed", "protocols", "iprop",
