@@ -66,12 +66,23 @@ class ConfigError(ValueError):
 
 
 # ----------------------------------------------------------------------------- files
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()  # what open() would give; mkstemp's 0600 would hide results from the user's group
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "w") -> None:
-    """Writes via a temporary file in the same directory, then renames: never a partial file."""
+    """Writes via a temporary file in the same directory, then renames: never a partial file. The
+    file gets the permissions ``open()`` would give it (the process's umask)."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()

@@ -296,3 +296,26 @@ def test_bad_batch_files_are_moved_aside_and_recomputed(tmp_path, counted):
     run(config, progress=False)  # a finished run: nothing moved, nothing computed
     assert counted == [] and len((out / "quarantine" / "log.txt").read_text().splitlines()) == len(planted)
 
+
+
+def test_atomic_write_leaves_the_old_file_or_the_new_one_with_the_umask_permissions(tmp_path):
+    """A failed write keeps the previous content and leaves no temporary file; a finished one has the
+    permissions open() would give (mkstemp's own 0600 would hide a lab's shared results from its group)."""
+    import os
+    import stat
+
+    from experiments.store import atomic_write
+
+    path = tmp_path / "results.csv"
+    umask = os.umask(0o022)
+    os.umask(umask)
+    atomic_write(path, lambda f: f.write("a,b\n"))
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+
+    def fail(f):
+        f.write("half")
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        atomic_write(path, fail)
+    assert path.read_text() == "a,b\n" and sorted(p.name for p in tmp_path.iterdir()) == ["results.csv"]
