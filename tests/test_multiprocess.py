@@ -271,9 +271,9 @@ def test_bad_distributed_flags_are_one_line(args, message, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def _run_imagenet_sm(tmp_path, *args) -> subprocess.CompletedProcess:
+def _run_imagenet_sm(tmp_path, *args, **env) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "experiments.imagenet", "--method=sm", f"--out={tmp_path / 'x'}",
-                           *args], cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
+                           *args], cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu", **env), capture_output=True,
                           text=True, timeout=120)
 
 
@@ -295,9 +295,9 @@ def test_unreachable_coordinator_and_busy_port_are_one_line(tmp_path):
         listener.listen()
         busy = listener.getsockname()[1]
         result = _run_imagenet_sm(tmp_path, f"--coordinator_address=127.0.0.1:{busy}", "--num_processes=2",
-                                  "--process_id=0")
-    _assert_one_line_error(result, "process 0 cannot start the coordinator on [::]:"
-                                   f"{busy}: Address already in use")
+                                  "--process_id=0",  # (the interface of the listener: no IPv6 dual-stack needed)
+                                  JAX_COORDINATOR_BIND_ADDRESS=f"127.0.0.1:{busy}")
+    _assert_one_line_error(result, f"process 0 cannot start the coordinator on 127.0.0.1:{busy}: Address already in use")
     result = _run_imagenet_sm(tmp_path, "--coordinator_address=localhost", "--num_processes=2", "--process_id=1")
     _assert_one_line_error(result, "'localhost' is not HOST:PORT")
     assert not (tmp_path / "x").exists()
