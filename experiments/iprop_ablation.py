@@ -437,7 +437,6 @@ def main(argv: list[str] | None = None) -> dict:
     heldout = ablation.split("heldout", *args.heldout_range)
 
     step = args.tune_step
-    base_step = get_protocol(args.protocol).step
     raw_tune = ablation.setting_score(args.methods, tune, None, step)
     controls_tune = {rule: ablation.setting_score(args.methods, tune, IPropConfig(gamma=0.0, reward=rule), step)
                      for rule in REWARD_RULES}
@@ -450,7 +449,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     variants = {"raw": None, "ctrl": control, "iprop": chosen_config}
     held = {m: {name: ablation.scores(m, heldout, config) for name, config in variants.items()} for m in args.methods}
-    add_paired_statistics(ablation, heldout, variants, held, coarse=step // base_step)
+    add_paired_statistics(ablation, heldout, variants, held, coarse=step // ablation.step)
 
     device = jax.devices()[0]
     env = {"jax": jax.__version__, "backend": jax.default_backend(),

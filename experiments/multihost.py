@@ -118,7 +118,6 @@ def _check_coordinator(address: str, process_id: int, timeout: int) -> int:
     if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise ValueError(f"'{address}' is not HOST:PORT (e.g. 10.0.0.1:1234, a port in 1..65535)")
     port = int(port_text)
-    start = time.monotonic()
     if process_id == 0:
         bind_address = os.environ.get("JAX_COORDINATOR_BIND_ADDRESS", f"[::]:{port}")
         bind_host, _, bind_port = bind_address.rpartition(":")
@@ -134,6 +133,7 @@ def _check_coordinator(address: str, process_id: int, timeout: int) -> int:
             raise ValueError(f"process 0 cannot start the coordinator on {bind_address}: {err.strerror} "
                              f"(another run's coordinator? choose another port)") from None
         return timeout
+    start = time.monotonic()
     while True:
         try:
             with socket.create_connection((host, port), timeout=2.0):
