@@ -29,6 +29,9 @@ CSV_COLUMNS = ["protocol", "method", "index", "image_id", "true_label", "true_na
                "insertion", "deletion", "ins_minus_del", "dir", "seconds"]
 TIMING_COLUMNS = ("seconds",)  # the only columns that differ between identical runs
 FIGURE_IMAGES = 6
+# 1.4 in at 90 dpi: 126 px per map, enough to see its structure; the grid of a full reproduction
+# (37 columns) stays about 1.5 MB as a palette PNG, where 2.2 in as RGBA made 13 MB (committed runs).
+HEATMAP_CELL_INCHES = 1.4
 
 
 def _versions() -> dict:
@@ -204,7 +207,8 @@ def write_figures(out: pathlib.Path, variants: list[str], records: dict[str, dic
     maps = {v: _first_maps(out, v, first["index"][:n]) for v in variants} if save_attributions else {}
     if maps and all(m is not None and len(m) == n for m in maps.values()):
         images = source.load([int(i) for i in first["index"][:n]]).images
-        fig, axes = plt.subplots(n, len(variants) + 1, figsize=(2.2 * (len(variants) + 1), 2.2 * n), squeeze=False)
+        fig, axes = plt.subplots(n, len(variants) + 1, figsize=(HEATMAP_CELL_INCHES * (len(variants) + 1),
+                                                                HEATMAP_CELL_INCHES * n), squeeze=False)
         for row in range(n):
             axes[row, 0].imshow(images[row])
             axes[row, 0].set_title(f"{first['id'][row]}\n{class_name(int(first['predicted'][row]))}"[:40], fontsize=7)
@@ -217,7 +221,7 @@ def write_figures(out: pathlib.Path, variants: list[str], records: dict[str, dic
         for ax in axes.ravel():
             ax.axis("off")
         fig.tight_layout()
-        atomic_write(out / "heatmaps.png", lambda f: fig.savefig(f, format="png", dpi=90), mode="wb")
+        atomic_write(out / "heatmaps.png", lambda f: _save_palette_png(fig, f), mode="wb")
         plt.close(fig)
 
     fig, axes = plt.subplots(len(protocols), 2, figsize=(10, 4 * len(protocols)), squeeze=False)
@@ -236,6 +240,18 @@ def write_figures(out: pathlib.Path, variants: list[str], records: dict[str, dic
     fig.tight_layout()
     atomic_write(out / "curves.png", lambda f: fig.savefig(f, format="png", dpi=90), mode="wb")
     plt.close(fig)
+
+
+def _save_palette_png(fig, file) -> None:
+    """The figure as a 256-colour palette PNG: overlays of a jet colour map on grey photos compress about 3x
+    better than as RGBA, with no visible loss at this size."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
+    buffer.seek(0)
+    with Image.open(buffer) as image:
+        image.convert("RGB").quantize(256, method=Image.Quantize.MEDIANCUT).save(file, format="PNG", optimize=True)
 
 
 def _normalise(heat: np.ndarray) -> np.ndarray:

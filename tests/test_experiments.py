@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from experiments.report import CSV_COLUMNS, TIMING_COLUMNS
 from experiments.runner import ConfigError, RunConfig, _check_identity, parse_hparams, run, validate
@@ -67,6 +68,8 @@ def test_end_to_end_outputs_are_complete(reference_run):
     for figure in ("heatmaps.png", "curves.png"):
         data = (out / figure).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    with Image.open(out / "heatmaps.png") as heatmaps:  # a palette PNG, 126 px per cell (photo + sm), 4 rows
+        assert heatmaps.mode == "P" and heatmaps.size == (2 * 126, 4 * 126)
     npz = np.load(out / "batches" / "sm" / "batch_00000.npz")  # the maps, computed once
     assert npz["attribution"].shape == (2, 224, 224, 3)
     scores = np.load(out / "scores" / "la" / "sm" / "batch_00000.npz")  # their scores under protocol la
