@@ -29,8 +29,9 @@ CSV_COLUMNS = ["protocol", "method", "index", "image_id", "true_label", "true_na
                "insertion", "deletion", "ins_minus_del", "dir", "seconds"]
 TIMING_COLUMNS = ("seconds",)  # the only columns that differ between identical runs
 FIGURE_IMAGES = 6
-# 1.4 in at 90 dpi: 126 px per map, enough to see its structure; the grid of a full reproduction
-# (37 columns) stays about 1.5 MB as a palette PNG, where 2.2 in as RGBA made 13 MB (committed runs).
+FIGURE_DPI = 90
+# 1.4 in at FIGURE_DPI: 126 px per map, enough to see its structure; the grid of a full reproduction
+# (37 columns) is 1.3 MB as a palette PNG, where 2.2 in as RGBA made 13 MB (committed runs).
 HEATMAP_CELL_INCHES = 1.4
 
 
@@ -238,7 +239,7 @@ def write_figures(out: pathlib.Path, variants: list[str], records: dict[str, dic
             ax.legend(fontsize=7)
             ax.grid(alpha=0.3)
     fig.tight_layout()
-    atomic_write(out / "curves.png", lambda f: fig.savefig(f, format="png", dpi=90), mode="wb")
+    atomic_write(out / "curves.png", lambda f: fig.savefig(f, format="png", dpi=FIGURE_DPI), mode="wb")
     plt.close(fig)
 
 
@@ -248,7 +249,7 @@ def _save_palette_png(fig, file) -> None:
     from PIL import Image
 
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90)
+    fig.savefig(buffer, format="png", dpi=FIGURE_DPI)
     buffer.seek(0)
     with Image.open(buffer) as image:
         image.convert("RGB").quantize(256, method=Image.Quantize.MEDIANCUT).save(file, format="PNG", optimize=True)

@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import os
 import pathlib
+import stat
 
 import numpy as np
 import pytest
@@ -300,9 +302,6 @@ def test_bad_batch_files_are_moved_aside_and_recomputed(tmp_path, counted):
 def test_atomic_write_leaves_the_old_file_or_the_new_one_with_the_umask_permissions(tmp_path):
     """A failed write keeps the previous content and leaves no temporary file; a finished one has the
     permissions open() would give (mkstemp's own 0600 would hide a lab's shared results from its group)."""
-    import os
-    import stat
-
     from experiments.store import atomic_write
 
     path = tmp_path / "results.csv"
