@@ -39,13 +39,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.runner import REFERENCE_SET_SIZE, image_keys
-from experiments.store import atomic_write, write_json, write_npz
 from la_iprop.iprop import REWARD_RULES, IPropConfig, iprop
 from la_iprop.iprop.tuning import GRID, RAW, coarse_points, search, setting_key
 from la_iprop.metrics import auc, get_protocol
 from la_iprop.metrics.statistics import MeanCI, paired_difference_ci, verdict
 from la_iprop.models import predict
+from la_iprop.runs.config import REFERENCE_SET_SIZE, image_keys
+from la_iprop.runs.store import atomic_write, write_json, write_npz
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_DATA = "la1000:" + str(ROOT.parent / "shared" / "data" / "la1000")

@@ -44,7 +44,8 @@ RANDOM_METHODS = ("agi", "attexplore", "eg", "la", "sg")
 METHOD_ORDER = ("sm", "fig", "deeplift", "ig", "sg", "eg", "gig", "mfaba", "big", "attexplore", "agi", "la")
 COMPARISONS = ("f32_vs_f64", "batch_vs_alone", "ulp_nudge")
 CHAOS_RELATIVE_L1 = 0.01  # a float32 map further than this from its float64 map (some image) counts as chaotic
-REPRODUCTION_CSV = pathlib.Path("results/reproduction/cpu_quick_12/results.csv")
+# The reproduction run whose LA-vs-baseline differences are checked against the noise measured here.
+REPRODUCTION = "cpu_quick_64"
 
 
 def define_flags() -> None:
@@ -61,6 +62,8 @@ def define_flags() -> None:
     flags.DEFINE_string("work_dir", "runs/stability", "Per-method cache (resumable).")
     flags.DEFINE_string("results_dir", "results", "Where stability.md and stability.json are written.")
     flags.DEFINE_bool("report_only", False, "Only regenerate the report from --work_dir.")
+    flags.DEFINE_string("reproduction", REPRODUCTION, "The section of results/reproduction/ whose LA-vs-baseline "
+                        "differences are checked against the noise measured here.")
     flags.DEFINE_integer("metric_every", 1, "Score protocol la's curve at every N-th point only (N times cheaper; "
                          "exactly the la curve sampled there).")
 
@@ -77,8 +80,15 @@ class StabilityConfig:
     settings: str = "quick"
     metric_every: int = 1                # protocol la's curve sampled at every N-th point
 
-    def identity(self) -> dict:
-        return dataclasses.asdict(self)
+    def identity(self, methods: tuple[str, ...] = ()) -> dict:
+        """The settings, with every resolved hyperparameter of ``methods``: a changed library default
+        is a different run, never a reuse of stale maps."""
+        from la_iprop.attribution import method_hparams
+        from la_iprop.runs.config import RunConfig, resolve_hparams
+
+        resolved = {m: {**method_hparams(m), **resolve_hparams(RunConfig(methods=(m,), settings=self.settings), m)}
+                    for m in methods}
+        return json.loads(json.dumps({**dataclasses.asdict(self), "resolved": resolved}, default=str))
 
 
 def nudge_one_ulp(images: np.ndarray) -> np.ndarray:
@@ -88,11 +98,11 @@ def nudge_one_ulp(images: np.ndarray) -> np.ndarray:
 
 
 def _method_call(name: str, config: StabilityConfig, reference: np.ndarray):
-    from experiments.runner import RunConfig, _resolve_hparams
     from la_iprop.attribution import get_method
+    from la_iprop.runs.config import RunConfig, resolve_hparams
 
     spec = get_method(name)
-    hparams = _resolve_hparams(RunConfig(methods=(name,), settings=config.settings), name)
+    hparams = resolve_hparams(RunConfig(methods=(name,), settings=config.settings), name)
     if spec.needs_reference_set:
         hparams["reference_images"] = reference
     return spec.fn, hparams
@@ -114,9 +124,9 @@ def _in_batches(fn, images: np.ndarray, size: int) -> tuple[np.ndarray, list[flo
 def measure_method(name: str, model, images: np.ndarray, labels: np.ndarray, indices: np.ndarray,
                    reference: np.ndarray, config: StabilityConfig) -> dict:
     """Every figure of one method (per image), as a JSON-ready dict."""
-    from experiments.runner import image_keys
     from la_iprop.metrics import evaluate, get_protocol
     from la_iprop.metrics.statistics import pearson, relative_l1
+    from la_iprop.runs.config import image_keys
 
     fn, hparams = _method_call(name, config, reference)
     keys = image_keys(config.seed, indices)
@@ -168,17 +178,19 @@ def measure_method(name: str, model, images: np.ndarray, labels: np.ndarray, ind
 def run_stability(config: StabilityConfig, methods: tuple[str, ...], work_dir: pathlib.Path) -> None:
     """Measures every method not cached yet in ``work_dir`` (one JSON per method, written atomically)."""
     import jax
-    import jax.numpy as jnp
 
-    from experiments.runner import REFERENCE_SET_SIZE, atomic_write
     from la_iprop.data import open_source
-    from la_iprop.models import load_model
+    from la_iprop.models import load_model, predict
+    from la_iprop.runs.config import REFERENCE_SET_SIZE
+    from la_iprop.runs.store import atomic_write
 
     work_dir.mkdir(parents=True, exist_ok=True)
     identity_path = work_dir / "identity.json"
-    if identity_path.exists() and json.loads(identity_path.read_text()) != config.identity():
-        raise ValueError(f"{work_dir} holds a run with other settings ({identity_path}); use another --work_dir")
-    atomic_write(identity_path, lambda f: json.dump(config.identity(), f, indent=2))
+    identity = config.identity(METHOD_ORDER)
+    if identity_path.exists() and json.loads(identity_path.read_text()) != identity:
+        raise ValueError(f"{work_dir} holds a run with other settings or other resolved hyperparameters "
+                         f"({identity_path}); use another --work_dir")
+    atomic_write(identity_path, lambda f: json.dump(identity, f, indent=2))
     todo = [m for m in methods if not (work_dir / f"{m}.json").exists()]
     if not todo:
         return
@@ -188,7 +200,7 @@ def run_stability(config: StabilityConfig, methods: tuple[str, ...], work_dir: p
     indices = np.arange(config.start, config.start + total)
     batch = source.load(indices)
     images = np.asarray(batch.images, np.float32)
-    labels = np.asarray(jax.jit(lambda x: jnp.argmax(model(x), -1))(images), np.int32)
+    labels = np.asarray(jax.jit(predict)(model, images), np.int32)
     reference = source.load(range(min(REFERENCE_SET_SIZE, len(source)))).images
     for name in todo:
         log.info("%s: measuring on %d images", name, total)
@@ -236,18 +248,19 @@ def _summary(result: dict) -> dict:
 
 
 def _reproduction_rows(path: pathlib.Path) -> dict[str, dict[int, float]]:
-    """Per-image ins − del of every plain method in the reproduction run."""
+    """Per-image ins − del (protocol la) of every plain method in the reproduction run."""
     rows: dict[str, dict[int, float]] = {}
     if not path.exists():
         return rows
     with open(path, newline="") as f:
         for row in csv.DictReader(f):
-            if "+" not in row["method"]:
+            # the noise is measured under protocol la; a run scored under several protocols has a row per protocol
+            if "+" not in row["method"] and row.get("protocol", "la") == "la":
                 rows.setdefault(row["method"], {})[int(row["index"])] = float(row["ins_minus_del"])
     return rows
 
 
-def reproduction_against_noise(summaries: dict[str, dict], path: pathlib.Path = REPRODUCTION_CSV) -> list[dict]:
+def reproduction_against_noise(summaries: dict[str, dict], path: pathlib.Path) -> list[dict]:
     """For LA vs every other method in the reproduction run: the paired difference in ins − del (95% CI)
     and the noise of that difference measured here: for each of the two methods its mean |Δ(ins − del)|
     between float32 and float64 maps (rounding), plus, for a method that draws from the key, its mean
@@ -282,14 +295,19 @@ def _fmt_ci(ci: dict, digits: int = 4) -> str:
     return f"{ci['mean']:.{digits}f} [{ci['low']:.{digits}f}, {ci['high']:.{digits}f}]"
 
 
-def write_report(work_dir: pathlib.Path, results_dir: pathlib.Path, command: str) -> dict:
-    from experiments.runner import atomic_write
+def write_report(work_dir: pathlib.Path, results_dir: pathlib.Path, command: str,
+                 reproduction: str = REPRODUCTION) -> dict:
+    from la_iprop.runs.store import atomic_write
 
-    identity = json.loads((work_dir / "identity.json").read_text())
-    results = {m: json.loads((work_dir / f"{m}.json").read_text())
-               for m in METHOD_ORDER if (work_dir / f"{m}.json").exists()}
+    if (work_dir / "identity.json").exists():
+        identity = json.loads((work_dir / "identity.json").read_text())
+        results = {m: json.loads((work_dir / f"{m}.json").read_text())
+                   for m in METHOD_ORDER if (work_dir / f"{m}.json").exists()}
+    else:  # the per-image figures the last report stored (its work folder is gone): the report is rebuilt from them
+        previous = json.loads((results_dir / "stability.json").read_text())
+        identity, results = previous["settings"], previous["per_image"]
     summaries = {m: _summary(r) for m, r in results.items()}
-    against = reproduction_against_noise(summaries)
+    against = reproduction_against_noise(summaries, results_dir / "reproduction" / reproduction / "results.csv")
     payload = {"command": command, "settings": identity, "machine": _machine(),
                "summaries": summaries, "reproduction_vs_noise": against, "per_image": results}
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -472,7 +490,7 @@ def main(argv):
         f"--{k}={v}" for k, v in (("data", FLAGS.data), ("num_images", FLAGS.num_images), ("start", FLAGS.start),
                                    ("batch_size", FLAGS.batch_size), ("settings", FLAGS.settings),
                                    ("metric_every", FLAGS.metric_every)))
-    write_report(work_dir, results_dir, command)
+    write_report(work_dir, results_dir, command, FLAGS.reproduction)
     print((results_dir / "stability.md").read_text())
     return 0
 

@@ -1,4 +1,4 @@
-"""A grid of methods x models x hyperparameters through the same code path as imagenet.py.
+"""A grid of methods x models x hyperparameters through the run engine (la_iprop.runs.sweep).
 
     python -m experiments.sweep --config=sweep.json --out=runs/sweep1
 
@@ -17,135 +17,46 @@ combined table, a row per cell, protocol and method, is ``<out>/sweep.md`` and `
 
 from __future__ import annotations
 
-import csv
-import io
-import itertools
 import json
 import logging
 import pathlib
-import sys
 
 from absl import app, flags
 
-from experiments import multihost
+from experiments import flags as shared
 
 FLAGS = flags.FLAGS
+parse_flags = shared.parse_flags
 
 
 def define_flags() -> None:
-    """The command-line flags; defined only when run as a script, so that importing this module
-    (tests, notebooks, other experiment scripts with flags of the same name) defines none."""
-    flags.DEFINE_string("config", None, "Sweep configuration (JSON).")
+    flags.DEFINE_string("config", None, "Sweep specification (JSON).")
     flags.DEFINE_string("out", None, "Output directory of the sweep.")
     flags.DEFINE_bool("progress", True, "Show progress bars.")
-    flags.DEFINE_enum("precision", None, ["float32", "float64"],
-                      "Precision of every cell (overrides the config's 'precision'; default: the config's, else float32).")
-    multihost.define_flags()  # the cells on several processes/hosts: README "Multi-host runs"
-    flags.adopt_module_key_flags(multihost)  # (listed by --help)
-
-
-_RUN_KEYS = ("data", "tfds_data_dir", "num_images", "start", "stride", "batch_size", "seed", "protocols", "iprop",
-             "settings", "iprop_hparams", "weights", "devices", "save_attributions", "precision")
-
-
-def cells(spec: dict) -> list[tuple[str, dict]]:
-    """``(cell name, RunConfig kwargs)`` for every point of the grid."""
-    from experiments.runner import ConfigError
-
-    unknown = set(spec) - {"methods", "models", "grid", "protocol", *_RUN_KEYS}
-    if unknown:
-        raise ConfigError(f"--config: unknown keys {sorted(unknown)}")
-    if "protocol" in spec:
-        if "protocols" in spec:
-            raise ConfigError("--config: give 'protocols' or 'protocol', not both")
-        spec = {k: v for k, v in spec.items() if k != "protocol"} | {"protocols": spec["protocol"]}
-    if isinstance(spec.get("protocols"), str):
-        spec = {**spec, "protocols": [spec["protocols"]]}
-    if "protocols" in spec:
-        spec = {**spec, "protocols": tuple(spec["protocols"])}
-    if not spec.get("methods"):
-        raise ConfigError("--config: 'methods' must list at least one method")
-    grid = spec.get("grid", {})
-    base = {k: spec[k] for k in _RUN_KEYS if k in spec}
-    out = []
-    for model in spec.get("models", ["efficientnet_lite0"]):
-        for method in spec["methods"]:
-            axes = grid.get(method, {})
-            names = sorted(axes)
-            for values in itertools.product(*(axes[n] if isinstance(axes[n], list) else [axes[n]] for n in names)):
-                hparams = dict(zip(names, values, strict=True))
-                label = "_".join(f"{n}{v}" for n, v in hparams.items())
-                cell = "_".join(filter(None, [model, method, label]))
-                out.append((cell, dict(base, methods=(method,), model=model, hparams={method: hparams} if hparams else {})))
-    return out
-
-
-def run_sweep(spec: dict, out: str | pathlib.Path, *, progress: bool = True) -> list[dict]:
-    from experiments.report import summarize_variant
-    from experiments.runner import ConfigError, RunConfig, method_variants, prepare, run, validate
-    from experiments.store import atomic_write, load_records
-    from la_iprop.models import load_model
-
-    out = pathlib.Path(out)
-    grid = cells(spec)
-    configs = [(name, RunConfig(out=str(out / name), **kwargs)) for name, kwargs in grid]
-    models: dict[tuple, object] = {}  # one classifier per (model, weights), shared by its cells
-    for name, config in configs:  # every cell passes every check of a run before any cell runs
-        try:
-            validate(config)
-            key = (config.model, config.weights)
-            if key not in models:
-                try:
-                    models[key] = load_model(config.model, config.weights)
-                except (ValueError, FileNotFoundError) as err:
-                    raise ConfigError(f"--model/--weights: {err}") from None
-            prepare(config, model=models[key])
-        except ConfigError as err:
-            raise ConfigError(f"cell {name}: {err}") from None
-    rows = []
-    for name, config in configs:
-        logging.getLogger("la_iprop").info("sweep cell %s", name)
-        run(config, progress=progress, model=models[(config.model, config.weights)])
-        if not multihost.is_process_zero():  # process 0 merged the cell; it alone writes the sweep's table
-            continue
-        for protocol in config.protocols:
-            for variant in method_variants(config):
-                row = {"cell": name, "model": config.model, "protocol": protocol, "method": variant,
-                       "hparams": json.dumps(config.hparams.get(config.methods[0], {}), sort_keys=True)}
-                row.update(summarize_variant(load_records(config.out, variant, protocol)))
-                rows.append(row)
-    if not rows:  # a process other than 0
-        return []
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write(out / "sweep.csv", lambda f: f.write(buffer.getvalue()))
-    lines = ["| cell | model | protocol | method | hparams | images | insertion ↑ | deletion ↓ | ins − del ↑ | dir ↓ |",
-             "|---|---|---|---|---|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['cell']} | {r['model']} | {r['protocol']} | {r['method']} | `{r['hparams']}` | {r['num_images']} | "
-              f"{r['insertion']:.4f} | {r['deletion']:.4f} | {r['ins_minus_del']:.4f} | {r['dir']:.4f} |" for r in rows]
-    atomic_write(out / "sweep.md", lambda f: f.write("\n".join(lines) + "\n"))
-    return rows
+    flags.DEFINE_string("precision", None, "Precision of every cell (overrides the specification's 'precision'; "
+                        "default: the specification's, else float32).")
+    shared.define_multihost_flags()
 
 
 def main(argv):
     del argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    multihost.initialize_from_flags()
-    from experiments.runner import ConfigError
+    shared.initialize_multihost()
+    from la_iprop.runs import ConfigError
+    from la_iprop.runs.sweep import run_sweep
+
     if not FLAGS.config or not FLAGS.out:
-        sys.exit("error: --config and --out are required")
+        shared.refuse("--config and --out are required")
     try:
         spec = json.loads(pathlib.Path(FLAGS.config).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        sys.exit(f"error: --config: cannot read {FLAGS.config}: {err}")
+    except (OSError, ValueError) as err:
+        shared.refuse(f"--config: cannot read {FLAGS.config}: {err}")
     try:
         if FLAGS.precision:
             spec = {**spec, "precision": FLAGS.precision}
         rows = run_sweep(spec, FLAGS.out, progress=FLAGS.progress)
     except ConfigError as err:
-        sys.exit(f"error: {err}")
+        shared.refuse(err)
     if rows:  # (process 0)
         print((pathlib.Path(FLAGS.out) / "sweep.md").read_text())
     else:
@@ -153,14 +64,6 @@ def main(argv):
         print(f"process {jax.process_index()} of {jax.process_count()}: its batches of every cell are written; "
               f"process 0 wrote the sweep's table")
     return 0
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl's parsing, with a bad or unknown flag reported as one line."""
-    try:
-        return FLAGS(argv)
-    except flags.Error as err:
-        sys.exit(f"error: {err}")
 
 
 if __name__ == "__main__":

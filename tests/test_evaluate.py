@@ -22,8 +22,8 @@ import tiny_model as tiny
 from conftest import LA1000
 from tiny_model import SIZE, TINY
 
-from experiments.external_maps import detect_layout, parse_layouts, run_maps
-from experiments.store import ConfigError, load_records
+from la_iprop.runs.external_maps import detect_layout, parse_layouts, run_maps
+from la_iprop.runs.store import ConfigError, load_records
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 IDS = ["7", "2", "5"]  # la1000 ids, not in the data set's order: maps are matched by id
@@ -134,7 +134,7 @@ def test_outputs_and_scores_equal_direct_evaluate(layouts_run, images, torch_map
 
 
 def test_same_command_resumes_without_recomputing(layouts_run, monkeypatch):
-    from experiments import runner
+    from la_iprop.runs import engine as runner
 
     path, out, summary = layouts_run
     calls = []
@@ -268,7 +268,7 @@ def test_reader_compressed_float16_big_endian_any_order(tmp_path, torch_maps):
     big-endian maps, per-pixel maps, rows asked for out of order; without a model or a run."""
     from types import SimpleNamespace
 
-    from experiments.external_maps import open_maps
+    from la_iprop.runs.external_maps import open_maps
 
     ids = np.asarray(["5", "7", "2"])
     maps = {"half_nhwc": torch_maps.transpose(0, 2, 3, 1).astype(np.float16),

@@ -15,9 +15,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from experiments.report import CSV_COLUMNS, TIMING_COLUMNS
-from experiments.runner import ConfigError, RunConfig, _check_identity, parse_hparams, run, validate
 from la_iprop.iprop import IPropConfig
+from la_iprop.runs.config import RunConfig, parse_hparams, validate
+from la_iprop.runs.engine import check_identity, run
+from la_iprop.runs.report import CSV_COLUMNS, TIMING_COLUMNS
+from la_iprop.runs.store import ConfigError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Cheap but real: SM on 4 bundled sample photos with the embedded Lite0, protocol 'la'.
@@ -179,13 +181,13 @@ def test_changed_library_default_is_not_resumed(tmp_path):
     resolved = config.identity()["resolved"]
     assert resolved["methods"]["la"]["max_iter"] == 10  # the quick setting over the default 30
     assert resolved["iprop"]["gamma"] == IPropConfig().gamma
-    _check_identity(tmp_path, config)  # writes run.json
-    _check_identity(tmp_path, config)  # same settings: accepted
+    check_identity(tmp_path, config)  # writes run.json
+    check_identity(tmp_path, config)  # same settings: accepted
     stored = json.loads((tmp_path / "run.json").read_text())
     stored["resolved"]["iprop"]["gamma"] = 0.5
     (tmp_path / "run.json").write_text(json.dumps(stored))
     with pytest.raises(ConfigError, match="different settings \\(resolved\\)"):
-        _check_identity(tmp_path, config)
+        check_identity(tmp_path, config)
 
 
 def test_parse_hparams():
@@ -197,7 +199,7 @@ def test_parse_hparams():
 
 
 def test_sweep_runs_cells_and_combines(tmp_path):
-    from experiments.sweep import run_sweep
+    from la_iprop.runs.sweep import run_sweep
     spec = {"methods": ["sm"], "num_images": 2, "batch_size": 2, "seed": 3}
     rows = run_sweep(spec, tmp_path, progress=False)
     assert [(r["protocol"], r["method"]) for r in rows] == [("la", "sm")]
@@ -214,10 +216,10 @@ def test_iprop_variant_equals_wrapped_method(tmp_path):
     with_iprop(METHOD) at the defaults and at gamma = 0."""
     import jax
 
-    from experiments.runner import image_keys
     from la_iprop.data import open_source
     from la_iprop.iprop import with_iprop
     from la_iprop.models import load_model
+    from la_iprop.runs.config import image_keys
 
     run(RunConfig(methods=("sm",), iprop=True, num_images=2, batch_size=2, seed=3, out=str(tmp_path)),
         progress=False)
@@ -237,7 +239,7 @@ def test_iprop_variant_equals_wrapped_method(tmp_path):
 def test_float64_run_keeps_float64_maps_and_is_never_resumed_as_float32(reference_run, reference_run_float64):
     """--precision=float64: the maps are stored in float64, the summary says so, and the same folder
     refuses a float32 run (and the float32 folder a float64 one)."""
-    from experiments.runner import load_records
+    from la_iprop.runs.store import load_records
 
     out = reference_run_float64
     summary = json.loads((out / "summary.json").read_text())

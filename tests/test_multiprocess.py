@@ -28,8 +28,8 @@ import time
 import numpy as np
 import pytest
 
-from experiments.report import TIMING_COLUMNS
-from experiments.store import load_records
+from la_iprop.runs.report import TIMING_COLUMNS
+from la_iprop.runs.store import load_records
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # 4 bundled sample photos in batches of 1: each of 2 processes computes 2 batches (b % 2 == its id).
@@ -216,7 +216,7 @@ def test_reproduce_and_sweep_on_two_processes_equal_one(tmp_path, jax_cache):
 
 BARRIER_SCRIPT = """
 import sys, time
-from experiments import multihost
+from la_iprop.runs import multihost
 process, port, delay = int(sys.argv[1]), sys.argv[2], float(sys.argv[3])
 multihost.initialize(f"127.0.0.1:{port}", 2, process)
 start = time.monotonic()
@@ -312,7 +312,7 @@ def test_unreachable_coordinator_and_busy_port_are_one_line(tmp_path):
 def test_each_process_moves_aside_only_the_unfinished_writes_of_its_own_batches(tmp_path):
     """A killed process leaves ``.batch_*.tmp`` files; on resume, process 1 of 2 quarantines those of its
     batches (1, 3: only it writes them) and leaves another process's (possibly being written) alone."""
-    from experiments import store
+    from la_iprop.runs import store
 
     folder = tmp_path / "batches" / "sm"
     folder.mkdir(parents=True)

@@ -22,7 +22,6 @@ import numpy as np
 import pytest
 from conftest import ROOT
 
-from experiments.runner import ConfigError, RunConfig, _check_identity, validate
 from la_iprop.attribution import available_methods, get_method, method_hparams
 from la_iprop.attribution.base import split_per_image
 from la_iprop.attribution.guided_ig import kth_smallest_nonnegative
@@ -30,6 +29,9 @@ from la_iprop.iprop import iprop, knn_graph, to_dense, with_iprop
 from la_iprop.metrics import evaluate
 from la_iprop.models import ModelFn
 from la_iprop.precision import float_dtype, precision_scope
+from la_iprop.runs.config import RunConfig, validate
+from la_iprop.runs.engine import check_identity
+from la_iprop.runs.store import ConfigError
 
 KEY = jax.random.PRNGKey(0)
 NUM_CLASSES = 10
@@ -271,9 +273,9 @@ def test_iprop_in_float64_is_the_exact_fixed_point():
 
 def test_precision_is_part_of_a_runs_identity(tmp_path):
     base = RunConfig(methods=("sm",), out=str(tmp_path))
-    _check_identity(tmp_path, base)
+    check_identity(tmp_path, base)
     with pytest.raises(ConfigError, match="different settings .*precision"):
-        _check_identity(tmp_path, RunConfig(methods=("sm",), out=str(tmp_path), precision="float64"))
+        check_identity(tmp_path, RunConfig(methods=("sm",), out=str(tmp_path), precision="float64"))
     assert json.loads((pathlib.Path(tmp_path) / "run.json").read_text())["precision"] == "float32"
     with pytest.raises(ConfigError, match="--precision"):
         validate(RunConfig(methods=("sm",), precision="half"))

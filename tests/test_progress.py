@@ -11,10 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import runner
-from experiments.runner import RunConfig, run
-from experiments.store import scores_path
 from la_iprop.metrics import evaluate, get_protocol
+from la_iprop.runs import engine as runner
+from la_iprop.runs.config import RunConfig
+from la_iprop.runs.engine import run
+from la_iprop.runs.store import scores_path
 
 
 def _tiny_cnn(images):

@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 
-from experiments.reproduce import read_scores, write_report
+from la_iprop.studies.reproduction import read_scores, write_report
 
 N = 24
 
@@ -94,9 +94,10 @@ def test_interim_report_keeps_the_images_finished_everywhere(tmp_path):
 
     import pytest
 
-    from experiments.reproduce import _section
-    from experiments.runner import ConfigError, RunConfig, report_interim, run
-    from experiments.store import scores_path
+    from la_iprop.runs.config import RunConfig
+    from la_iprop.runs.engine import report_interim, run
+    from la_iprop.runs.store import ConfigError, scores_path
+    from la_iprop.studies.reproduction import _section
 
     config = RunConfig(methods=("sm",), num_images=2, seed=3, batch_size=1, protocols=("la", "rise"),
                        out=str(tmp_path / "run"))

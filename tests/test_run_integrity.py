@@ -55,7 +55,7 @@ def counted(monkeypatch):
 
 
 def _config(out, **overrides):
-    from experiments.runner import RunConfig
+    from la_iprop.runs.config import RunConfig
     kwargs = dict(methods=("sm",), model=TINY, num_images=5, batch_size=2, seed=1, out=str(out))
     return RunConfig(**{**kwargs, **overrides})
 
@@ -67,8 +67,8 @@ def _csv(out) -> list[dict]:
 
 # ----------------------------------------------------------------------------- attributions once, metrics many
 def test_adding_a_protocol_scores_the_stored_maps_and_computes_no_map(tmp_path, counted):
-    from experiments.runner import run
-    from experiments.store import load_records
+    from la_iprop.runs.engine import run
+    from la_iprop.runs.store import load_records
 
     first = run(_config(tmp_path / "run", methods=("counted_sm",)), progress=False)
     assert len(counted) == 3 and list(first["results"]) == ["la"]  # 3 batches (5 images, batches of 2)
@@ -103,7 +103,8 @@ def test_adding_a_protocol_scores_the_stored_maps_and_computes_no_map(tmp_path, 
 
 
 def test_changed_protocol_settings_are_refused(tmp_path):
-    from experiments.runner import ConfigError, run
+    from la_iprop.runs.engine import run
+    from la_iprop.runs.store import ConfigError
 
     run(_config(tmp_path), progress=False)
     path = tmp_path / "scores" / "la" / "protocol.json"
@@ -115,7 +116,8 @@ def test_changed_protocol_settings_are_refused(tmp_path):
 
 
 def test_old_format_run_folder_is_a_clear_error(tmp_path):
-    from experiments.runner import ConfigError, run
+    from la_iprop.runs.engine import run
+    from la_iprop.runs.store import ConfigError
 
     (tmp_path / "run.json").write_text(json.dumps({"methods": ["sm"], "protocol": "la"}))
     with pytest.raises(ConfigError, match="older storage format"):
@@ -124,10 +126,11 @@ def test_old_format_run_folder_is_a_clear_error(tmp_path):
 
 # ----------------------------------------------------------------------------- image selection
 def test_stride_selects_every_kth_image_with_keys_from_the_dataset_index(tmp_path):
-    from experiments.runner import image_keys, run, select_images, validate
-    from experiments.store import load_records
     from la_iprop.attribution import get_method
     from la_iprop.data import open_source
+    from la_iprop.runs.config import image_keys, select_images, validate
+    from la_iprop.runs.engine import run
+    from la_iprop.runs.store import load_records
 
     config = _config(tmp_path / "strided", methods=("sg",), start=1, stride=2, num_images=None, batch_size=2)
     source = validate(config)
@@ -173,7 +176,8 @@ def _files(out: pathlib.Path) -> dict[str, int]:
 
 
 def test_an_added_or_changed_image_is_another_run(tmp_path):
-    from experiments.runner import ConfigError, run
+    from la_iprop.runs.engine import run
+    from la_iprop.runs.store import ConfigError
 
     folder = tmp_path / "images"
     for seed, name in enumerate(("a.png", "b.png", "c.png")):
@@ -200,7 +204,8 @@ def test_an_added_or_changed_image_is_another_run(tmp_path):
 
 
 def test_an_unreadable_or_oversized_image_is_one_line_naming_it(tmp_path):
-    from experiments.runner import ConfigError, run
+    from la_iprop.runs.engine import run
+    from la_iprop.runs.store import ConfigError
 
     folder = tmp_path / "images"
     _png(folder / "a.png", 0)
@@ -216,7 +221,9 @@ def test_an_unreadable_or_oversized_image_is_one_line_naming_it(tmp_path):
 
 
 def test_the_reference_set_is_loaded_only_for_methods_that_need_it(tmp_path):
-    from experiments.runner import REFERENCE_SET_SIZE, ConfigError, run
+    from la_iprop.runs.config import REFERENCE_SET_SIZE
+    from la_iprop.runs.engine import run
+    from la_iprop.runs.store import ConfigError
 
     folder = tmp_path / "images"
     (folder / "0.png").parent.mkdir()
@@ -233,7 +240,9 @@ def test_the_reference_set_is_loaded_only_for_methods_that_need_it(tmp_path):
 
 # ----------------------------------------------------------------------------- flags: checked before any file
 def test_a_refused_flag_writes_nothing_and_the_corrected_command_runs(tmp_path):
-    from experiments.runner import ConfigError, run, validate
+    from la_iprop.runs.config import validate
+    from la_iprop.runs.engine import run
+    from la_iprop.runs.store import ConfigError
 
     out = tmp_path / "run"
     with pytest.raises(ConfigError, match=r"^--hparams: sg \(.*samples='3o'.*\): samples must be an integer >= 1, "
@@ -254,7 +263,7 @@ def test_a_refused_flag_writes_nothing_and_the_corrected_command_runs(tmp_path):
 
 # ----------------------------------------------------------------------------- checked batch files
 def test_bad_batch_files_are_moved_aside_and_recomputed(tmp_path, counted):
-    from experiments.runner import run
+    from la_iprop.runs.engine import run
 
     out = tmp_path / "run"
     config = _config(out, methods=("counted_sm",))
@@ -302,7 +311,7 @@ def test_bad_batch_files_are_moved_aside_and_recomputed(tmp_path, counted):
 def test_atomic_write_leaves_the_old_file_or_the_new_one_with_the_umask_permissions(tmp_path):
     """A failed write keeps the previous content and leaves no temporary file; a finished one has the
     permissions open() would give (mkstemp's own 0600 would hide a lab's shared results from its group)."""
-    from experiments.store import atomic_write
+    from la_iprop.runs.store import atomic_write
 
     path = tmp_path / "results.csv"
     umask = os.umask(0o022)

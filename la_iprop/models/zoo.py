@@ -232,9 +232,10 @@ def read_weights(weights: str | os.PathLike | dict) -> dict[str, np.ndarray]:
 
 
 def predict(model_fn: Callable, images: jax.Array) -> jax.Array:
-    """Top-1 class of each image."""
+    """Top-1 class of each image (int32). Jittable: ``jax.jit(predict)(model, images)`` for a
+    :class:`ModelFn` (a pytree)."""
     images = check_images(images)
-    return jnp.argmax(model_fn(images), axis=-1)
+    return jnp.argmax(model_fn(images), axis=-1).astype(jnp.int32)
 
 
 # ----------------------------------------------------------------------------- registry

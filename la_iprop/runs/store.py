@@ -46,7 +46,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-__all__ = ["ConfigError", "FORMAT", "atomic_write", "digest", "batch_path", "maps_path", "scores_path",
+__all__ = ["ConfigError", "FORMAT", "atomic_write", "copy_file", "digest", "batch_path", "maps_path", "scores_path",
            "protocol_path", "read_run", "check_run", "check_protocol", "record_protocol", "load_records",
            "image_hashes", "describe_image_change", "BatchSpec", "check_maps_file", "check_scores_file",
            "quarantine", "scan", "MAP_KEYS", "SCORE_KEYS"]
@@ -92,6 +92,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def copy_file(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """A whole copy or none (atomic): a report reads these files, and an interrupted copy must not look
+    finished."""
+    content = pathlib.Path(source).read_bytes()
+    atomic_write(target, lambda f: f.write(content), mode="wb")
 
 
 def write_npz(path: str | os.PathLike, record: dict[str, np.ndarray]) -> None:

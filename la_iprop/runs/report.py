@@ -1,6 +1,6 @@
 """Reports of a run: per-image CSV, summary JSON, Markdown tables and PNG figures, one table per protocol.
 
-Everything is read from the run's batch files (:mod:`experiments.store`), so a resumed run
+Everything is read from the run's batch files (:mod:`la_iprop.runs.store`), so a resumed run
 reports exactly what an uninterrupted one does.
 """
 
@@ -19,9 +19,9 @@ from importlib import metadata
 import jax
 import numpy as np
 
-from experiments.store import atomic_write, load_records, maps_path, protocol_record, quarantine
 from la_iprop.data import class_name
 from la_iprop.metrics import auc
+from la_iprop.runs.store import atomic_write, load_records, maps_path, protocol_record, quarantine
 
 __all__ = ["write_reports", "summarize_variant", "CSV_COLUMNS", "markdown_table"]
 

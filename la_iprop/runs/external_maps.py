@@ -49,7 +49,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from experiments.store import ConfigError, read_run
+from la_iprop.runs.store import ConfigError, read_run
 
 __all__ = ["ExternalMaps", "MapArray", "LAYOUTS", "RESERVED_KEYS", "open_maps", "parse_layouts", "detect_layout",
            "run_maps"]
@@ -473,11 +473,12 @@ def open_maps(path: str | os.PathLike, layouts: dict[str, str] | None = None) ->
 def run_maps(maps_file: str | os.PathLike, *, layouts: Sequence[str] = (), progress: bool = True,
              loaded_model=None, **config) -> dict:
     """Evaluates (and with ``iprop=True`` propagates) the maps of ``maps_file`` through the runner;
-    ``config``: :class:`experiments.runner.RunConfig` fields (``data``, ``model``, ``weights``,
+    ``config``: :class:`la_iprop.runs.config.RunConfig` fields (``data``, ``model``, ``weights``,
     ``protocols``, ``iprop``, ``iprop_hparams``, ``out``, ``batch_size``, ``precision``, ...). Returns
     the run's summary. ``loaded_model``: the classifier ``config["model"]`` names, already loaded.
     Raises ConfigError (one line) before anything is written."""
-    from experiments.runner import RunConfig, run
+    from la_iprop.runs.config import RunConfig
+    from la_iprop.runs.engine import run
 
     maps = open_maps(maps_file, parse_layouts(layouts))
     out = config.get("out")

@@ -1,4 +1,4 @@
-"""Multi-process runs: ``jax.distributed`` set-up for the CLIs, and the barriers of the runner.
+"""Multi-process runs: ``jax.distributed`` set-up and the barriers of the run engine.
 
 Every process runs the same command with its own process id; the run folder (``--out``) is on a
 file system that every process sees. Each process computes every ``process_count``-th batch
@@ -21,15 +21,13 @@ import logging
 import os
 import pathlib
 import socket
-import sys
 import time
 from typing import Iterable
 
 import jax
-from absl import flags
 from jax._src import distributed as _distributed  # the coordination service client (no public handle)
 
-__all__ = ["define_flags", "initialize_from_flags", "is_process_zero", "initialize", "barrier", "process_zero_first",
+__all__ = ["is_process_zero", "initialize", "barrier", "process_zero_first",
            "wait_until_visible", "require_visible", "BARRIER_TIMEOUT_S"]
 
 log = logging.getLogger("la_iprop")
@@ -38,36 +36,6 @@ log = logging.getLogger("la_iprop")
 # detector (a dead process is detected by the heartbeat within --heartbeat_timeout).
 BARRIER_TIMEOUT_S = 7 * 24 * 3600
 _BARRIER_IDS = itertools.count()  # every process calls the barriers of a run in the same order
-
-
-def define_flags() -> None:
-    """The multi-process flags of every CLI that runs the runner (README "Multi-host runs"): every
-    process runs the same command with its own --process_id."""
-    if "coordinator_address" in flags.FLAGS:  # already defined by another CLI module in this process
-        return
-    flags.DEFINE_string("coordinator_address", None, "jax.distributed: host:port of process 0 (multi-process runs; "
-                        "with all three of these flags, nothing is detected and each process uses all its local "
-                        "devices).")
-    flags.DEFINE_integer("num_processes", None, "jax.distributed: the number of processes.", lower_bound=1)
-    flags.DEFINE_integer("process_id", None, "jax.distributed: this process's id, 0 .. num_processes - 1.",
-                         lower_bound=0)
-    flags.DEFINE_bool("distributed", False, "Initialise jax.distributed with the settings not given by the three "
-                      "flags above detected from the cluster (Cloud TPU pods, SLURM, Open MPI).")
-    flags.DEFINE_integer("heartbeat_timeout", 100, "jax.distributed: seconds without a heartbeat after which a "
-                         "process counts as dead and every other process stops with an error.", lower_bound=1)
-    flags.DEFINE_integer("initialization_timeout", 300, "jax.distributed: seconds a process waits for all the "
-                         "others to join at start-up.", lower_bound=1)
-
-
-def initialize_from_flags() -> bool:
-    """``initialize`` with the flags of ``define_flags``, before anything touches a JAX device; a
-    setting it refuses ends the program with one line and exit status 1."""
-    f = flags.FLAGS
-    try:
-        return initialize(f.coordinator_address, f.num_processes, f.process_id, detect=f.distributed,
-                          heartbeat_timeout=f.heartbeat_timeout, initialization_timeout=f.initialization_timeout)
-    except ValueError as err:
-        sys.exit(f"error: --coordinator_address/--num_processes/--process_id: {err}")
 
 
 def is_process_zero() -> bool:
@@ -208,6 +176,6 @@ def require_visible(path: pathlib.Path, flag: str, timeout: float = 60.0) -> Non
     if jax.process_count() == 1 or jax.process_index() == 0:
         return
     if wait_until_visible([path], timeout):
-        from experiments.store import ConfigError
+        from la_iprop.runs.store import ConfigError
         raise ConfigError(f"{flag}: {path}, written by process 0, is not visible to process {jax.process_index()} "
                           f"after {timeout:.0f} s: the run folder must be on a file system every process shares")

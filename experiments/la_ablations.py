@@ -1,0 +1,64 @@
+"""LA's ablations (la_iprop.studies.la_ablations): flags, then one call.
+
+    python -m experiments.la_ablations --config=configs/la_ablations.py [--interim | --report_only]
+
+Runs (or resumes) the study's engine run in ``runs/la_ablations_<name>``, copies its per-image
+scores to ``results/la_ablations/<name>/`` and regenerates ``results/LA_ABLATIONS.md``.
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+import shlex
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from experiments import flags as shared
+
+FLAGS = flags.FLAGS
+parse_flags = shared.parse_flags
+STUDY_KEYS = ("name", "reproduction", "variants", "questions")
+
+
+def define_flags() -> None:
+    config_flags.DEFINE_config_file("config", "configs/la_ablations.py", "The study's config file.")
+    flags.DEFINE_string("runs_dir", "runs", "Where the run itself is stored (resumable).")
+    flags.DEFINE_string("results_dir", "results", "Where the report and its figures are written.")
+    flags.DEFINE_bool("report_only", False, "Only regenerate the report from results/la_ablations/<name>/.")
+    flags.DEFINE_bool("interim", False, "Compute nothing: report the images finished so far for every variant.")
+    flags.DEFINE_bool("progress", True, "Show a progress bar (false: one log line per batch).")
+
+
+def main(argv):
+    del argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    from la_iprop.runs import ConfigError
+    from la_iprop.runs.engine import report_interim, run
+    from la_iprop.runs.store import atomic_write, copy_file
+    from la_iprop.studies.la_ablations import study_config, write_report
+
+    study = FLAGS.config.to_dict()
+    name, reproduction, variants, questions = (study.pop(k) for k in STUDY_KEYS)
+    results_dir = pathlib.Path(FLAGS.results_dir)
+    section = results_dir / "la_ablations" / name
+    if not FLAGS.report_only:
+        try:
+            config = study_config(study, variants, str(pathlib.Path(FLAGS.runs_dir) / f"la_ablations_{name}"))
+            report_interim(config) if FLAGS.interim else run(config, progress=FLAGS.progress)
+        except (ConfigError, ValueError, RuntimeError) as err:
+            shared.refuse(err)
+        for file in ("results.csv", "summary.json"):
+            copy_file(pathlib.Path(config.out) / file, section / file)
+        command = "python -m experiments.la_ablations " + " ".join(
+            shlex.quote(a) for a in sys.argv[1:] if a not in ("--interim", "--interim=true"))
+        atomic_write(section / "command.txt", lambda f: f.write(command + "\n"))
+    print(write_report(results_dir, name, questions, reproduction))
+    return 0
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,244 @@
+"""LA's own ablations as a study: which of LA's ingredients produce its advantage.
+
+One run of the engine whose methods are named variants of ``la`` (``la@s5``, ``la@targeted``, ...,
+:data:`la_iprop.runs.config.VARIANT_SEPARATOR`), each with its hyperparameter overrides on top
+of the run's settings, so every variant is computed batch-major on the same images and an
+interrupted run already holds paired results for its first images. Each question compares
+its variants with the default LA (``la``) on the images both have:
+
+- paired difference ``variant − la`` of insertion, deletion and ins − del (95% bootstrap CI),
+  with a verdict: **better** (the CI excludes 0 in the better direction), **worse** (the other
+  way) or **inconclusive** (it contains 0);
+- the cost of each variant: seconds per image (median over images of the attribution time of
+  their batch, this run's device) and model passes per image (:func:`la_iprop.attribution.la.la_cost`).
+
+:func:`write_report` builds ``LA_ABLATIONS.md`` and its figures from the run's ``results.csv``
+and ``summary.json`` (copied next to the report), so the report is regenerated without the run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import pathlib
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from la_iprop.attribution.la import la_cost
+from la_iprop.metrics.comparison import Scores, compare, summarize
+from la_iprop.runs.config import VARIANT_SEPARATOR, RunConfig
+from la_iprop.runs.store import atomic_write
+from la_iprop.studies.reproduction import read_scores
+
+__all__ = ["DEFAULT", "study_config", "read_study", "question_tables", "write_report", "seed_spread"]
+
+DEFAULT = "la"  # the default variant: LA at the run's settings, no override
+VERDICT_WORDS = {"holds": "better", "does not hold": "worse", "inconclusive": "inconclusive"}
+METRIC_TEXT = {"insertion": "insertion ↑", "deletion": "deletion ↓", "ins_minus_del": "ins − del ↑"}
+
+
+def variant_name(label: str) -> str:
+    return DEFAULT if label == "default" else f"{DEFAULT}{VARIANT_SEPARATOR}{label}"
+
+
+def study_config(fields: Mapping[str, Any], variants: Mapping[str, Mapping[str, Any]], out: str) -> RunConfig:
+    """The engine run of the study: ``fields`` (the run settings) with one method per variant
+    (``label -> overrides``; the label ``default`` is plain ``la``)."""
+    methods = tuple(sorted((variant_name(label) for label in variants), key=lambda m: m != DEFAULT))  # default first
+    if DEFAULT not in methods:
+        raise ValueError("variants: the study compares every variant with the default LA; add a 'default' entry")
+    hparams = {variant_name(label): dict(overrides) for label, overrides in variants.items() if overrides}
+    return RunConfig.from_mapping(fields, methods=methods, hparams=hparams, out=out)
+
+
+def read_study(section: pathlib.Path) -> tuple[dict[str, dict[str, Scores]], dict[str, float], dict[str, dict]]:
+    """``(scores {protocol: {variant: Scores}}, median seconds per image, resolved hyperparameters)``."""
+    scores = read_scores(section / "results.csv")
+    seconds: dict[str, list[float]] = {}
+    with open(section / "results.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            seconds.setdefault(row["method"], []).append(float(row["seconds"]))
+    summary = json.loads((section / "summary.json").read_text())
+    resolved = summary["resolved"]["methods"]
+    return scores, {v: float(np.median(s)) for v, s in seconds.items()}, resolved
+
+
+def model_passes(hparams: Mapping[str, Any]) -> int:
+    """Forward + input-only backward passes per image of LA with ``hparams``."""
+    cost = la_cost(**{k: v for k, v in hparams.items() if k not in ("run_chunk", "target_classes",
+                                                                      "return_iterates")})
+    return int(cost.forwards + cost.backwards)
+
+
+def question_tables(scores: dict[str, dict[str, Scores]], questions: Mapping[str, Sequence[str]],
+                    seconds: Mapping[str, float], resolved: Mapping[str, dict]) -> dict[str, list[dict]]:
+    """Per question, a row per variant (and protocol): means with CIs, the paired difference to the
+    default with its verdict, and the cost. Variants not in the scores yet are left out."""
+    out: dict[str, list[dict]] = {}
+    for question, labels in questions.items():
+        rows = []
+        for label in labels:
+            variant = variant_name(label)
+            for protocol, by_variant in scores.items():
+                if variant not in by_variant or DEFAULT not in by_variant:
+                    continue
+                row = {"variant": variant, "label": label, "protocol": protocol,
+                       "means": summarize(by_variant[variant]), "seconds": seconds.get(variant),
+                       "passes": model_passes(resolved[variant]) if variant in resolved else None}
+                if variant != DEFAULT:
+                    row["vs_default"] = compare(by_variant[variant], by_variant[DEFAULT])
+                rows.append(row)
+        out[question] = rows
+    return out
+
+
+def seed_spread(section: pathlib.Path) -> dict[str, list[float]]:
+    """Mean ins − del of LA per seed, per protocol, from a reproduction section (its ``results.csv``
+    holds seed 0, ``la_seed<k>.csv`` the others); empty when the section is not there."""
+    files = [section / "results.csv", *sorted(section.glob("la_seed*.csv"))] if section.exists() else []
+    out: dict[str, list[float]] = {}
+    for file in files:
+        for protocol, by_variant in read_scores(file).items():
+            if "la" in by_variant:
+                s = by_variant["la"]
+                out.setdefault(protocol, []).append(float(np.mean(s.insertion - s.deletion)))
+    return out
+
+
+def _ci(ci, digits: int = 4) -> str:
+    return f"{ci.mean:.{digits}f} [{ci.low:.{digits}f}, {ci.high:.{digits}f}]"
+
+
+def _table(rows: list[dict]) -> list[str]:
+    lines = ["| variant | protocol | n | insertion ↑ | deletion ↓ | ins − del ↑ [95% CI] | Δ(ins − del) vs la [95% CI] "
+             "| verdict | Δ insertion | Δ deletion | s / image | passes / image |",
+             "|---|---|---:|---:|---:|---|---|---|---|---|---:|---:|"]
+    for row in sorted(rows, key=lambda r: (r["protocol"], r["label"] != "default")):
+        m, c = row["means"], row.get("vs_default")
+        diff = c.differences if c else None
+        verdict = (VERDICT_WORDS[c.verdicts["ins_minus_del"]] if c else "(default)")
+        lines.append(
+            f"| `{row['variant']}` | {row['protocol']} | {m['insertion'].n} | {m['insertion'].mean:.4f} | "
+            f"{m['deletion'].mean:.4f} | {_ci(m['ins_minus_del'])} | {_ci(diff['ins_minus_del']) if c else '—'} | "
+            f"{verdict} | {_ci(diff['insertion']) + ' ' + VERDICT_WORDS[c.verdicts['insertion']] if c else '—'} | "
+            f"{_ci(diff['deletion']) + ' ' + VERDICT_WORDS[c.verdicts['deletion']] if c else '—'} | "
+            f"{row['seconds']:.2f} | {row['passes'] if row['passes'] is not None else '?'} |")
+    return lines
+
+
+def _paragraph(question: str, rows: list[dict], total: int) -> str:
+    """What the evidence supports for one question, from the verdicts (nothing typed by hand)."""
+    parts = []
+    for protocol in sorted({r["protocol"] for r in rows}):
+        verdicts: dict[str, list[str]] = {}
+        for row in rows:
+            if row["protocol"] == protocol and "vs_default" in row:
+                word = VERDICT_WORDS[row["vs_default"].verdicts["ins_minus_del"]]
+                verdicts.setdefault(word, []).append(f"`{row['label']}`")
+        if verdicts:
+            parts.append(f"under `{protocol}`, ins − del against the default: "
+                         + "; ".join(f"{word}: {', '.join(names)}" for word, names in sorted(verdicts.items())))
+    n = min((r["means"]["insertion"].n for r in rows), default=0)
+    status = "" if n >= total else f" (interim: {n} of {total} images)"
+    return f"**{question}**{status}: " + (". ".join(parts) if parts else "no variant finished yet") + "."
+
+
+def _figures(section: pathlib.Path, tables: dict[str, list[dict]], spatial_question: str | None) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    protocols = sorted({r["protocol"] for rows in tables.values() for r in rows})
+    if spatial_question and tables.get(spatial_question):
+        fig, axes = plt.subplots(1, len(protocols), figsize=(4.5 * len(protocols), 3.4), squeeze=False)
+        for ax, protocol in zip(axes[0], protocols, strict=True):
+            rows = [r for r in tables[spatial_question] if r["protocol"] == protocol]
+            pairs = sorted(((r["spatial_range"], r["means"]["ins_minus_del"]) for r in rows
+                            if r.get("spatial_range") is not None), key=lambda p: p[0])
+            if not pairs:
+                continue
+            s = np.array([p[0] for p in pairs], float)
+            ci = [p[1] for p in pairs]
+            ax.plot(s, [c.mean for c in ci], "o-")
+            ax.fill_between(s, [c.low for c in ci], [c.high for c in ci], alpha=0.25)
+            ax.set(xlabel="spatial range s (eps = x0 / s)", ylabel="ins − del (95% CI)", title=f"protocol {protocol}")
+        fig.tight_layout()
+        fig.savefig(section / "spatial_range.png", dpi=90)
+        plt.close(fig)
+        written.append("spatial_range.png")
+    fig, axes = plt.subplots(1, len(protocols), figsize=(4.5 * len(protocols), 3.6), squeeze=False)
+    for ax, protocol in zip(axes[0], protocols, strict=True):
+        seen = {}
+        for rows in tables.values():
+            for r in rows:
+                if r["protocol"] == protocol and r["seconds"] is not None:
+                    seen[r["variant"]] = r
+        for variant, r in seen.items():
+            ci = r["means"]["ins_minus_del"]
+            ax.errorbar(r["seconds"], ci.mean, yerr=[[ci.mean - ci.low], [ci.high - ci.mean]], fmt="o", ms=4)
+            ax.annotate(variant.split(VARIANT_SEPARATOR)[-1], (r["seconds"], ci.mean), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+        ax.set(xscale="log", xlabel="seconds per image (this run's device)", ylabel="ins − del (95% CI)",
+               title=f"protocol {protocol}")
+    fig.tight_layout()
+    fig.savefig(section / "quality_vs_cost.png", dpi=90)
+    plt.close(fig)
+    written.append("quality_vs_cost.png")
+    return written
+
+
+def write_report(results_dir: pathlib.Path, name: str, questions: Mapping[str, Sequence[str]],
+                 reproduction: str | None = None) -> pathlib.Path:
+    """``results_dir/LA_ABLATIONS.md`` (and figures in ``results_dir/la_ablations/<name>/``) from the
+    section's stored ``results.csv`` and ``summary.json``."""
+    section = results_dir / "la_ablations" / name
+    scores, seconds, resolved = read_study(section)
+    summary = json.loads((section / "summary.json").read_text())
+    tables = question_tables(scores, questions, seconds, resolved)
+    for rows in tables.values():
+        for r in rows:
+            r["spatial_range"] = resolved.get(r["variant"], {}).get("spatial_range")
+    spatial = next((q for q in questions if "spatial" in q.lower()), None)
+    figures = _figures(section, tables, spatial)
+    interim = summary.get("interim")
+    total = interim["of"] if interim else next(iter(next(iter(scores.values())).values())).index.size
+    command = (section / "command.txt").read_text().strip() if (section / "command.txt").exists() else "?"
+    device = summary.get("device", {})
+    lines = [
+        "# LA's ablations, re-run with paired CIs",
+        "",
+        f"Generated by `{command} --report_only` from `results/la_ablations/{name}/` (per-image scores of one run "
+        "of the engine, every variant on the same images). Every variant changes one of LA's ingredients and is "
+        "compared with the default LA (`la`, the run's settings) on the images both have: the mean per-image "
+        "difference with its 95% bootstrap CI and a verdict — **better** / **worse** when the CI excludes 0, "
+        "**inconclusive** when it contains 0.",
+        "",
+        f"Settings: model `{summary['flags']['model']}`, data `{summary['flags']['data']}` "
+        f"(start {summary['flags']['start']}, stride {summary['flags']['stride']}), settings "
+        f"`{summary['flags']['settings']}`, seed {summary['flags']['seed']}, precision `{summary['precision']}`, "
+        f"protocols {', '.join('`' + p + '`' for p in summary['protocols'])}; device {device.get('kind')} "
+        f"({device.get('backend')}). Seconds per image: the median attribution time on that device; passes: "
+        "forward + input-only backward passes of the model per image (`la_cost`).",
+        "",
+    ]
+    if interim:
+        lines += [f"**Interim report**: {interim['images']} of {interim['of']} images are finished for every "
+                  "variant and protocol; the run continues (rerun the command to resume).", ""]
+    spread = seed_spread(results_dir / "reproduction" / reproduction) if reproduction else {}
+    if spread:
+        lines += ["LA's seed-to-seed spread at the default settings (mean ins − del of seeds "
+                  f"0–{len(next(iter(spread.values()))) - 1}, `results/reproduction/{reproduction}`, the same images): "
+                  + "; ".join(f"`{p}` {min(v):.4f}–{max(v):.4f} (range {max(v) - min(v):.4f})"
+                              for p, v in sorted(spread.items()))
+                  + ". A difference to the default smaller than this range is within what the target draws alone "
+                  "move.", ""]
+    lines += ["## Findings", ""]
+    lines += [_paragraph(q, rows, total) for q, rows in tables.items()]
+    for question, rows in tables.items():
+        lines += ["", f"## {question}", ""] + (_table(rows) if rows else ["(no variant finished yet)"])
+    lines += ["", "## Figures", ""] + [f"![{f}](la_ablations/{name}/{f})" for f in figures]
+    path = results_dir / "LA_ABLATIONS.md"
+    atomic_write(path, lambda f: f.write("\n".join(lines) + "\n"))
+    return path
