@@ -6,6 +6,7 @@ expected, so bad input never surfaces as a traceback from inside XLA.
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any
 
@@ -25,7 +26,12 @@ __all__ = [
     "check_in_range",
     "check_choice",
     "check_finite",
+    "check_finite_number",
+    "check_seed",
+    "SEED_BITS",
 ]
+
+SEED_BITS = 64   # seeds are unsigned 64-bit integers (see check_seed)
 
 
 def _is_traced(x: Any) -> bool:
@@ -79,7 +85,8 @@ def check_like(array: Any, reference: jax.Array, name: str, reference_name: str 
         raise TypeError(f"{name} must be an array, got {type(array).__name__}")
     array = jnp.asarray(array)
     if array.shape != reference.shape:
-        raise ValueError(f"{name} must have the shape of {reference_name} {tuple(reference.shape)}, got {tuple(array.shape)}")
+        raise ValueError(f"{name} must have the shape of {reference_name} {tuple(reference.shape)}, "
+                         f"got {tuple(array.shape)}")
     return array
 
 
@@ -115,16 +122,39 @@ def _check_number(name: str, value: Any) -> None:
         raise TypeError(f"{name} must be a number, got {value!r}")
 
 
-def check_positive(name: str, value: Any) -> None:
+def check_finite_number(name: str, value: Any) -> None:
+    """A real number that is not NaN or infinite: an infinite radius or a NaN noise level would run and give
+    all-zero or NaN maps instead of an error."""
     _check_number(name, value)
+    if not isinstance(value, numbers.Integral) and not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+
+def check_positive(name: str, value: Any) -> None:
+    """A finite number > 0 (NaN and infinity refused)."""
+    check_finite_number(name, value)
     if not value > 0:
         raise ValueError(f"{name} must be > 0, got {value!r}")
 
 
 def check_nonnegative(name: str, value: Any) -> None:
-    _check_number(name, value)
+    """A finite number >= 0 (NaN and infinity refused)."""
+    check_finite_number(name, value)
     if not value >= 0:
         raise ValueError(f"{name} must be >= 0, got {value!r}")
+
+
+def check_seed(name: str, value: Any) -> int:
+    """A seed: an integer in ``[0, 2**64)``, returned as a Python int. Larger or negative seeds are refused
+    (jax.random.PRNGKey raises OverflowError beyond 63 bits and, with x64 off, keeps only the low 32 bits:
+    :func:`~la_iprop.attribution.base.key_from_seed` makes a key from all 64)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer in [0, 2**{SEED_BITS}), got {value!r}")
+    value = int(value)
+    if not 0 <= value < 2**SEED_BITS:
+        shown = value if abs(value) < 10**30 else f"an integer of {value.bit_length()} bits"
+        raise ValueError(f"{name} must be an integer in [0, 2**{SEED_BITS}), got {shown}")
+    return value
 
 
 def check_int_at_least(name: str, value: Any, minimum: int) -> None:

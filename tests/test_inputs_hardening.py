@@ -1,5 +1,6 @@
 """Hardened inputs: NaN/Inf at every image size, label ranges for plain callables, wrong model outputs,
-per-pixel IProp maps and extreme IProp settings. Tiny models only (these run in seconds)."""
+per-pixel IProp maps and extreme IProp settings; non-finite maps, hyperparameters, keys and seeds.
+Tiny models only (these run in seconds)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from la_iprop.attribution import get_method
-from la_iprop.attribution.base import _LOGITS_CACHE
+from la_iprop.attribution import available_methods, get_method, method_hparams
+from la_iprop.attribution.base import _LOGITS_CACHE, NonFiniteAttributionError, check_key, key_from_seed
 from la_iprop.attribution.gradients import sm
 from la_iprop.attribution.integrated import eg
-from la_iprop.checks import check_images
+from la_iprop.checks import check_images, check_nonnegative, check_positive, check_seed
 from la_iprop.iprop import iprop, knn_graph, propagate, with_iprop
 from la_iprop.metrics import evaluate
+from la_iprop.precision import precision_scope
 
 KEY = jax.random.PRNGKey(0)
 SMALL = {"k": 4, "radius": 1}   # one small IProp graph for every test here: fast compiles, shared jit cache
@@ -252,3 +254,156 @@ def test_settings_level_names_the_cheap_overrides_and_refuses_unknown_levels():
     assert spec.settings_hparams("paper") == {}
     with pytest.raises(ValueError, match="settings must be 'quick' or 'paper'"):
         spec.settings_hparams("fast")
+
+
+# ------------------------------------------------------------------------------------- non-finite outputs
+def _marked_images(size=8):
+    """Two images; image 1 carries a marker (pixel [0, 0, 0] = 1) that stays above 0.5 near it, image 0 a 0."""
+    images = _images(2, size)
+    images[0, 0, 0, 0], images[1, 0, 0, 0] = 0.0, 1.0
+    return images
+
+
+def _nan_on_clean(x):
+    """NaN logits everywhere: on the clean image too."""
+    return pooled(x) * jnp.nan
+
+
+def _nan_near(clean):
+    def _nan_on_perturbed(x):
+        """Finite logits (and gradients) on the clean images; NaN on any other input near image 1."""
+        distance = jnp.abs(x[:, None] - jnp.asarray(clean)[None]).max(axis=(2, 3, 4)).min(axis=1)
+        spoiled = (distance > 0) & (x[:, 0, 0, 0] > 0.5)
+        return pooled(x) * jnp.where(spoiled, jnp.nan, 1.0)[:, None]
+    return _nan_on_perturbed
+
+
+_nan_on_perturbed = _nan_near(_marked_images())
+
+
+def _inf_gradient(x):
+    """Finite logits, infinite gradient: sqrt at 0 (pixel [0, 0, 0] of image 0 is 0)."""
+    return pooled(x) + jnp.sqrt(x[:, 0, 0, :1])
+
+
+NAN_METHODS = [pytest.param("sm", {}, id="sm"), pytest.param("ig", {"steps": 4}, id="ig"),
+               pytest.param("la", {"key": KEY, "max_iter": 2, "sampling_times": 2}, id="la")]
+
+
+def _one_line(err) -> str:
+    text = str(err.value)
+    assert "\n" not in text
+    return text
+
+
+@pytest.mark.parametrize("name, hparams", NAN_METHODS)
+def test_nan_logits_on_the_clean_image_are_an_error(name, hparams):
+    images = _marked_images()
+    with pytest.raises(ValueError, match="logit_fn '_nan_on_clean' returned NaN or infinite logits for images "
+                                         "\\[0, 1\\]"):
+        get_method(name).fn(_nan_on_clean, images, None, **hparams)   # labels=None: the prediction is NaN
+    with pytest.raises(NonFiniteAttributionError) as err:                # given labels: the maps are NaN
+        get_method(name).fn(_nan_on_clean, images, np.array([0, 1]), **hparams)
+    text = _one_line(err)
+    assert f"method {name!r} returned NaN or infinite attributions for image(s) [0, 1]" in text
+    assert "likely cause: non-finite logits or gradients of logit_fn '_nan_on_clean'" in text
+    assert err.value.method == name and err.value.rows == [0, 1]
+
+
+@pytest.mark.parametrize("name, hparams", NAN_METHODS)
+def test_nan_logits_on_perturbed_inputs_only_are_an_error(name, hparams):
+    images = _marked_images()
+    np.testing.assert_array_equal(np.isfinite(np.asarray(_nan_on_perturbed(images))), True)   # clean: finite
+    if name == "sm":   # a saliency map evaluates the clean image only: its map is finite and correct
+        assert np.isfinite(np.asarray(sm(_nan_on_perturbed, images, None))).all()
+        return
+    with pytest.raises(NonFiniteAttributionError) as err:
+        get_method(name).fn(_nan_on_perturbed, images, None, **hparams)
+    assert f"method {name!r} returned NaN or infinite attributions for image(s) [1] of the batch" in _one_line(err)
+    assert err.value.rows == [1]
+
+
+def test_infinite_gradients_are_an_error():
+    images = _marked_images()
+    with pytest.raises(NonFiniteAttributionError, match="method 'sm' .* for image\\(s\\) \\[0\\] .*gradients"):
+        sm(_inf_gradient, images, None)
+
+
+def test_traced_calls_are_not_checked():
+    """Under an outer jit there are no values to check: the NaN map comes back (the caller's jit decides)."""
+    out = jax.jit(lambda x: sm(_nan_on_clean, x, np.array([0, 1])))(_marked_images())
+    assert np.isnan(np.asarray(out)).all()
+
+
+def test_evaluate_refuses_nan_scores_from_perturbed_inputs():
+    images = _marked_images(32)   # 32x32: the games have points between the clean image and the substrate
+    maps = _images(2, 32, seed=1)
+    maps[:, 0, 0, 0] = -1.0       # the marker is deleted last and inserted last
+    with pytest.raises(ValueError, match="logit_fn '_nan_on_perturbed' returned NaN or infinite logits in the "
+                                         "insertion/deletion games of images \\[1\\]") as err:
+        evaluate(_nan_near(images), images, maps)
+    _one_line(err)
+
+
+# ------------------------------------------------------------------------------------- hyperparameters
+def _float_hparams():
+    for name in available_methods():
+        for hparam, default in method_hparams(name).items():
+            if isinstance(default, float):
+                yield pytest.param(name, hparam, id=f"{name}-{hparam}")
+
+
+@pytest.mark.parametrize("name, hparam", list(_float_hparams()))
+@pytest.mark.parametrize("value", [np.inf, -np.inf, np.nan, np.float32(np.nan)], ids=["inf", "-inf", "nan", "nan32"])
+def test_non_finite_hyperparameters_are_refused_by_every_method(name, hparam, value):
+    """Checked before any model call (an infinite radius or noise level would give all-zero or NaN maps)."""
+    def never(x):
+        raise AssertionError("the model must not be called")
+
+    with pytest.raises(ValueError, match=f"method {name!r}: hyperparameter {hparam}=.* must be a finite number") as err:
+        get_method(name).fn(never, _images(1, 8), None, key=KEY, **{hparam: value})
+    _one_line(err)
+
+
+def test_non_finite_hyperparameters_in_lists_and_the_shared_checks():
+    with pytest.raises(ValueError, match="method 'big': hyperparameter epsilons\\[1\\]=inf must be a finite number"):
+        get_method("big").fn(pooled, _images(1, 8), None, epsilons=(0.1, float("inf")))
+    with pytest.raises(ValueError, match="spatial_range must be a finite number, got inf"):
+        check_positive("spatial_range", float("inf"))
+    with pytest.raises(ValueError, match="std must be a finite number, got nan"):
+        check_nonnegative("std", float("nan"))
+    check_positive("big", 10**400)   # an integer is finite, however large
+
+
+# ------------------------------------------------------------------------------------- keys and seeds
+@pytest.mark.parametrize("key, error, match", [
+    pytest.param("abc", TypeError, "got 'abc'", id="str"),
+    pytest.param(1.5, TypeError, "got 1.5", id="float"),
+    pytest.param(42, TypeError, "got 42", id="int-seed"),
+    pytest.param(object(), TypeError, "got object", id="object"),
+    pytest.param(np.zeros(2, np.float32), TypeError, "got ndarray", id="float-array"),
+    pytest.param(jnp.zeros(3, jnp.uint32), ValueError, "got shape \\(3,\\) dtype uint32", id="shape"),
+])
+def test_a_key_of_the_wrong_type_is_one_line(key, error, match):
+    images = _images(2, 8)
+    for name in ("sg", "sm"):   # a method that needs the key, and one that ignores it
+        with pytest.raises(error, match=f"key must be a jax.random key .*{match}") as err:
+            get_method(name).fn(pooled, images, None, key=key)
+        _one_line(err)
+    assert check_key(np.asarray(KEY)).shape == (2,)   # a numpy copy of a key is fine
+
+
+def test_seeds_are_64_bit_and_keys_from_them_do_not_depend_on_x64():
+    assert np.array_equal(key_from_seed(5), jax.random.PRNGKey(5))   # small seeds: PRNGKey's key
+    assert np.array_equal(key_from_seed(2**32 - 1), jax.random.PRNGKey(2**32 - 1))
+    big = np.asarray(key_from_seed(2**32 + 5))
+    assert not np.array_equal(big, key_from_seed(5))   # PRNGKey(2**32 + 5) == PRNGKey(5) with x64 off
+    with precision_scope("float64"):
+        np.testing.assert_array_equal(np.asarray(key_from_seed(2**32 + 5)), big)
+    assert np.asarray(key_from_seed(2**64 - 1)).shape == (2,)
+    for bad, error in [(2**64, ValueError), (-1, ValueError), (10**400, ValueError), (True, TypeError),
+                       ("5", TypeError), (1.0, TypeError)]:
+        with pytest.raises(error, match="seed must be an integer in \\[0, 2\\*\\*64\\)") as err:
+            key_from_seed(bad)
+        assert len(_one_line(err)) < 200
+    assert check_seed("seed", np.uint64(2**64 - 1)) == 2**64 - 1

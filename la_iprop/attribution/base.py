@@ -17,18 +17,23 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import inspect
+import math
+import numbers
 from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from la_iprop.checks import check_images, check_labels
+from la_iprop.checks import check_images, check_labels, check_seed
 from la_iprop.precision import cast_floats, float_dtype, with_precision
 
 __all__ = ["MethodSpec", "register_method", "get_method", "available_methods", "as_pytree_fn",
-           "prepare_inputs", "check_logits", "check_logits_follow_precision", "model_label", "class_probability", "method_hparams", "split_per_image", "check_target_classes", "num_classes_of"]
+           "prepare_inputs", "check_logits", "check_logits_follow_precision", "model_label", "class_probability",
+           "method_hparams", "split_per_image", "check_target_classes", "num_classes_of",
+           "check_key", "key_from_seed", "NonFiniteAttributionError"]
 
 
 def as_pytree_fn(logit_fn: Callable) -> Callable:
@@ -72,18 +77,45 @@ def prepare_inputs(logit_fn: Callable, images: Any, labels: Any, *, key: Any = N
             raise ValueError(f"{model_label(model)} returned NaN or infinite logits for images {rows[:5].tolist()} "
                              "(labels=None: the class to explain is the prediction); expected finite logits")
     labels = check_labels(labels, images.shape[0], num_classes)
-    if need_key:
-        if key is None:
-            raise ValueError("key is required: pass key=jax.random.PRNGKey(seed)")
-        key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
-        batch = images.shape[0]
-        typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
-        single = key.shape == () if typed else key.shape == (2,) and key.dtype == jnp.uint32
-        batched = key.shape == (batch,) if typed else key.shape == (batch, 2) and key.dtype == jnp.uint32
-        if not (single or batched):
-            raise ValueError(f"key must be a jax.random key (PRNGKey(seed)) or one key per image "
-                             f"(shape ({batch}, 2)), got shape {key.shape} dtype {key.dtype}")
+    if need_key and key is None:
+        raise ValueError("key is required: pass key=jax.random.PRNGKey(seed)")
+    if key is not None:
+        key = check_key(key, images.shape[0] if need_key else None)
     return logit_fn, images, labels, key
+
+
+def check_key(key: Any, batch: int | None = None, name: str = "key") -> jax.Array:
+    """A ``jax.random`` key: one key (``PRNGKey(seed)``: uint32 ``(2,)``, or a typed key ``()``) or, with
+    ``batch``, one key per image (``(batch, 2)`` / ``(batch,)``). Anything else (a string, a float, an int
+    seed, a wrong shape) is one error naming ``name`` instead of a trace error inside a kernel."""
+    expected = "a jax.random key (jax.random.PRNGKey(seed) or jax.random.key(seed))"
+    if batch is not None:
+        expected += f" or one key per image (shape ({batch}, 2))"
+    if not isinstance(key, jax.Array):
+        if not isinstance(key, np.ndarray) or key.dtype != np.uint32:
+            shown = type(key).__name__ if not isinstance(key, (int, float, str, bytes)) else repr(key)[:40]
+            raise TypeError(f"{name} must be {expected}, got {shown}")
+        key = jnp.asarray(key)
+    typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+    single = key.shape == () if typed else key.shape == (2,) and key.dtype == jnp.uint32
+    batched = batch is not None and (key.shape == (batch,) if typed else key.shape == (batch, 2)
+                                     and key.dtype == jnp.uint32)
+    if not single and not batched and batch is None and key.ndim == (1 if typed else 2):
+        batched = typed or (key.shape[-1] == 2 and key.dtype == jnp.uint32)   # per-image keys, batch not known
+    if not (single or batched):
+        raise ValueError(f"{name} must be {expected}, got shape {key.shape} dtype {key.dtype}")
+    return key
+
+
+def key_from_seed(seed: Any, name: str = "seed") -> jax.Array:
+    """``jax.random.PRNGKey(seed)`` for any seed in ``[0, 2**64)``, the same key with x64 on or off.
+
+    Why: with x64 off PRNGKey keeps only a seed's low 32 bits (seed ``2**32 + 5`` gives the key of ``5``)
+    and beyond 63 bits it raises OverflowError. Seeds below ``2**32`` give exactly ``PRNGKey(seed)``;
+    larger ones fold their high 32 bits into that key."""
+    seed = check_seed(name, seed)
+    key = jax.random.PRNGKey(seed & 0xFFFFFFFF)
+    return key if seed < 2**32 else jax.random.fold_in(key, np.uint32(seed >> 32))
 
 
 def model_label(logit_fn: Callable) -> str:
@@ -244,20 +276,72 @@ class MethodSpec:
 _METHODS: dict[str, MethodSpec] = {}
 
 
+class NonFiniteAttributionError(ValueError):
+    """A registered method returned NaN or infinite attributions; ``method`` and ``rows`` (batch positions)
+    let a runner name the images."""
+
+    def __init__(self, message: str, method: str, rows: list[int]):
+        super().__init__(message)
+        self.method, self.rows = method, rows
+
+
 def register_method(name: str, *, description: str, quick: Mapping[str, Any] | None = None,
                     needs_reference_set: bool = False):
     """Decorator: ``@register_method("ig", description=...)``.
 
     The registered (and returned) function also takes ``precision`` (see :mod:`la_iprop.precision`),
-    so every method has it without writing it.
+    so every method has it without writing it. It also refuses non-finite numeric hyperparameters and
+    non-finite maps (see :func:`_checked_method`): NaN logits or an infinite radius give NaN or all-zero
+    maps that would otherwise be scored as results.
     """
     def wrap(fn):
         if name in _METHODS:
             raise ValueError(f"method {name!r} is already registered")
-        fn = with_precision(fn)
+        fn = _checked_method(name, with_precision(fn))
         _METHODS[name] = MethodSpec(name, fn, description, dict(quick or {}), needs_reference_set)
         return fn
     return wrap
+
+
+def _checked_method(name: str, fn: Callable) -> Callable:
+    """``fn`` with two checks of every call: numeric hyperparameters (scalars, or lists/tuples of them)
+    must be finite, and the maps it returns (the first element of a tuple) must be finite (concrete
+    outputs only: under an outer ``jax.jit`` there is nothing to look at)."""
+    hparams = {p.name for p in inspect.signature(fn).parameters.values()
+               if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in ("key", "precision")}
+
+    @functools.wraps(fn)
+    def method(*args, **kwargs):
+        for hparam in sorted(hparams & set(kwargs)):
+            _check_finite_hparam(name, hparam, kwargs[hparam])
+        out = fn(*args, **kwargs)
+        maps = out[0] if isinstance(out, tuple) else out
+        if isinstance(maps, (jax.Array, np.ndarray)) and not isinstance(maps, jax.core.Tracer) \
+                and jnp.issubdtype(maps.dtype, jnp.inexact) and maps.ndim >= 1:
+            finite = np.asarray(jnp.isfinite(maps).reshape(maps.shape[0], -1).all(axis=1))
+            if not finite.all():
+                rows = np.flatnonzero(~finite).tolist()
+                model = args[0] if args else kwargs.get("logit_fn")
+                shown = ", ".join(map(str, rows[:8])) + (", ..." if len(rows) > 8 else "")
+                raise NonFiniteAttributionError(
+                    f"method {name!r} returned NaN or infinite attributions for image(s) [{shown}] of the batch "
+                    f"({len(rows)} of {maps.shape[0]}); likely cause: non-finite logits or gradients of "
+                    f"{model_label(model) if model is not None else 'the classifier'} on the inputs the method "
+                    "evaluates (the image or its perturbations); expected finite maps", name, rows)
+        return out
+
+    return method
+
+
+def _check_finite_hparam(method: str, hparam: str, value: Any) -> None:
+    values = value if isinstance(value, (list, tuple)) else [value]
+    for i, item in enumerate(values):
+        if isinstance(item, (np.ndarray, jax.Array)) and item.ndim == 0 and not isinstance(item, jax.core.Tracer):
+            item = item.item()
+        if isinstance(item, numbers.Real) and not isinstance(item, (bool, numbers.Integral)) \
+                and not math.isfinite(item):
+            where = f"{hparam}[{i}]" if values is value else hparam
+            raise ValueError(f"method {method!r}: hyperparameter {where}={item!r} must be a finite number")
 
 
 def available_methods() -> list[str]:

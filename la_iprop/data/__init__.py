@@ -1,13 +1,16 @@
-"""Image sources and ImageNet class names."""
+"""Image sources, ImageNet class names and ImageNet-C corruptions."""
 
+from la_iprop.data.corruptions import Corruption, corruption_names, parse_corruption
 from la_iprop.data.sources import (
                                    Batch,
                                    ImageSource,
                                    class_name,
                                    class_names,
                                    open_source,
+                                   read_labels_json,
                                    resize_center_crop,
                                    to_rgb_float,
 )
 
-__all__ = ["Batch", "ImageSource", "class_name", "class_names", "open_source", "resize_center_crop", "to_rgb_float"]
+__all__ = ["Batch", "ImageSource", "class_name", "class_names", "open_source", "resize_center_crop", "to_rgb_float",
+           "read_labels_json", "Corruption", "corruption_names", "parse_corruption"]
