@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 
 from la_iprop.attribution import available_methods, get_method, method_hparams
-from la_iprop.attribution.base import _LOGITS_CACHE, NonFiniteAttributionError, check_key, key_from_seed
+from la_iprop.attribution.base import (
+    _LOGITS_CACHE,
+    NonFiniteAttributionError,
+    check_finite_hparams,
+    check_key,
+    key_from_seed,
+)
 from la_iprop.attribution.gradients import sm
 from la_iprop.attribution.integrated import eg
 from la_iprop.checks import check_images, check_nonnegative, check_positive, check_seed
@@ -373,6 +379,9 @@ def test_non_finite_hyperparameters_in_lists_and_the_shared_checks():
     with pytest.raises(ValueError, match="std must be a finite number, got nan"):
         check_nonnegative("std", float("nan"))
     check_positive("big", 10**400)   # an integer is finite, however large
+    check_finite_hparams("la", {"spatial_range": 10.0, "strategy": "mixed", "max_iter": 10**400})   # before a run
+    with pytest.raises(ValueError, match="method 'sg': hyperparameter std=nan must be a finite number"):
+        check_finite_hparams("sg", {"samples": 4, "std": float("nan")})
 
 
 # ------------------------------------------------------------------------------------- keys and seeds

@@ -33,7 +33,7 @@ from la_iprop.precision import cast_floats, float_dtype, with_precision
 __all__ = ["MethodSpec", "register_method", "get_method", "available_methods", "as_pytree_fn",
            "prepare_inputs", "check_logits", "check_logits_follow_precision", "model_label", "class_probability",
            "method_hparams", "split_per_image", "check_target_classes", "num_classes_of",
-           "check_key", "key_from_seed", "NonFiniteAttributionError"]
+           "check_key", "key_from_seed", "check_finite_hparams", "NonFiniteAttributionError"]
 
 
 def as_pytree_fn(logit_fn: Callable) -> Callable:
@@ -312,8 +312,7 @@ def _checked_method(name: str, fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def method(*args, **kwargs):
-        for hparam in sorted(hparams & set(kwargs)):
-            _check_finite_hparam(name, hparam, kwargs[hparam])
+        check_finite_hparams(name, {k: kwargs[k] for k in hparams & set(kwargs)})
         out = fn(*args, **kwargs)
         maps = out[0] if isinstance(out, tuple) else out
         if isinstance(maps, (jax.Array, np.ndarray)) and not isinstance(maps, jax.core.Tracer) \
@@ -331,6 +330,14 @@ def _checked_method(name: str, fn: Callable) -> Callable:
         return out
 
     return method
+
+
+def check_finite_hparams(method: str, hparams: Mapping[str, Any]) -> None:
+    """Every number among ``hparams`` (scalars, and lists/tuples of them) must be finite; one line naming the
+    method and the hyperparameter. Every registered method runs this on its call; a runner can run it before
+    it writes anything."""
+    for hparam in sorted(hparams):
+        _check_finite_hparam(method, hparam, hparams[hparam])
 
 
 def _check_finite_hparam(method: str, hparam: str, value: Any) -> None:
