@@ -390,7 +390,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--grid", type=json.loads, default={},
                    help='JSON replacing some axes of the grid, e.g. \'{"gamma": [0.5, 0.9]}\' (smoke runs)')
     p.add_argument("--protocol", choices=tuple(PROTOCOL_TEXT), default="la",
-                   help="insertion/deletion protocol of the tuning and the held-out scores (README, DESIGN.md)")
+                   help="insertion/deletion protocol of the tuning and the held-out scores (README, docs/design.md)")
     p.add_argument("--tune_step", type=int, default=None,
                    help="units (la: elements, rise: pixels) per insertion/deletion step on the tuning split: a "
                         "multiple k of the protocol's step (la 672, rise 224), which samples its curve at every "

@@ -25,7 +25,7 @@ from bench_common import block, environment
 from la_iprop.metrics import evaluate, get_protocol
 from la_iprop.models import load_model
 
-# Stated in DESIGN.md for the official PyTorch evaluation on a 2-core CPU (not measured here):
+# Stated in docs/design.md for the official PyTorch evaluation on a 2-core CPU (not measured here):
 # ~18 minutes per game per 100 Lite0 images.
 OFFICIAL_SECONDS_PER_IMAGE_BOTH_GAMES = 2 * 18 * 60 / 100
 

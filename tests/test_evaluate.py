@@ -123,7 +123,7 @@ def test_outputs_and_scores_equal_direct_evaluate(layouts_run, images, torch_map
         for key in keys:
             records = load_records(out, key, protocol)
             expected = direct["sal" if key.startswith("sal") else "px", protocol]
-            # float64 runs: a map's scores do not depend on the rest of its batch (DESIGN: asserted exactly)
+            # float64 runs: a map's scores do not depend on the rest of its batch (docs/design.md: asserted exactly)
             np.testing.assert_array_equal(records["insertion"], expected.insertion_aucs)
             np.testing.assert_array_equal(records["deletion"], expected.deletion_aucs)
             np.testing.assert_array_equal(records["insertion_curve"], expected.insertion_curves)

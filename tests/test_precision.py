@@ -1,6 +1,6 @@
 """precision="float32" | "float64": the scope, exact float64 behaviour of every method, parity in float64.
 
-Exactness claims are made in float64 only (see DESIGN.md, "Numerical precision"): there the
+Exactness claims are made in float64 only (see docs/design.md, "Numerical precision"): there the
 sign- and rank-driven methods are no longer chaotic, so maps agree across batch sizes and
 thread counts, and Guided IG equals PAIR-code/saliency's algorithm.
 """
