@@ -59,4 +59,5 @@ def get_config() -> ml_collections.ConfigDict:
     config.precision = "float32"
     config.variants = VARIANTS
     config.questions = QUESTIONS
+    config.question_order = tuple(QUESTIONS)  # (a ConfigDict sorts its keys)
     return config

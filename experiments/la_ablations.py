@@ -20,7 +20,7 @@ from experiments import flags as shared
 
 FLAGS = flags.FLAGS
 parse_flags = shared.parse_flags
-STUDY_KEYS = ("name", "reproduction", "variants", "questions")
+STUDY_KEYS = ("name", "reproduction", "variants", "questions", "question_order")
 
 
 def define_flags() -> None:
@@ -41,7 +41,8 @@ def main(argv):
     from la_iprop.studies.la_ablations import study_config, write_report
 
     study = FLAGS.config.to_dict()
-    name, reproduction, variants, questions = (study.pop(k) for k in STUDY_KEYS)
+    name, reproduction, variants, questions, order = (study.pop(k) for k in STUDY_KEYS)
+    questions = {q: questions[q] for q in order}
     results_dir = pathlib.Path(FLAGS.results_dir)
     section = results_dir / "la_ablations" / name
     if not FLAGS.report_only:

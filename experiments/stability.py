@@ -1,51 +1,25 @@
-"""Numerical stability of every method: float32 vs float64, batch vs alone, one-ulp nudges, seeds.
+"""Numerical stability of every method (la_iprop.studies.stability): flags, then one call.
 
-    python -m experiments.stability --data=la1000:../shared/data/la1000 --num_images=16
+    python -m experiments.stability --data=la1000:../shared/data/la1000 --num_images=16 --metric_every=8
+    python -m experiments.stability --report_only      # rebuild results/stability.md from its JSON
 
-For each registered method (``--settings``, default ``quick``), on the same images, explaining
-the class predicted on the clean image in float32:
-
-- float32 maps (batches of ``--batch_size``) vs float64 maps: Pearson and relative L1
-  (float64 is the reference);
-- float32 in a batch vs the same image alone (batch of one, same per-image key);
-- float32 vs float32 with every input element nudged by one float32 ulp (towards 0.5);
-- |Δ insertion| and |Δ deletion| between the float32 and the float64 maps, both scored by
-  the same float32 metric (protocol ``la``; ``--metric_every=N`` samples its curve at every N-th
-  point, N times cheaper: the CPU run uses 8), so the difference is the maps' alone;
-- methods that draw from the key: insertion/deletion with seed ``--seed`` vs ``--seed + 1``;
-- seconds per image of the float32 and float64 maps (warm batches: the cost of float64).
-
-Each method's figures are cached in ``--work_dir/<method>.json`` as soon as they are done, so an
-interrupted run resumes where it stopped. The report (``results/stability.md``) and its JSON
-are regenerated from the cache; they also test whether the method differences of
-``results/REPRODUCTION.md`` exceed the float32 noise measured here.
+Measures each method (float32 vs float64, batch vs alone, one-ulp nudges, seeds), caching each
+method's figures in --work_dir, then writes results/stability.md and .json; the report also checks
+the LA-vs-baseline differences of a reproduction run (--reproduction) against the measured noise.
 """
 
 from __future__ import annotations
 
-import csv
-import dataclasses
-import json
 import logging
 import pathlib
-import platform
 import sys
-import time
 
-import numpy as np
 from absl import app, flags
 
-FLAGS = flags.FLAGS
-log = logging.getLogger("la_iprop.stability")
+from experiments import flags as shared
 
-# Methods whose maps depend on the key (targets, noise, references, augmentations).
-RANDOM_METHODS = ("agi", "attexplore", "eg", "la", "sg")
-# Cheap first, so a partial run already covers most methods.
-METHOD_ORDER = ("sm", "fig", "deeplift", "ig", "sg", "eg", "gig", "mfaba", "big", "attexplore", "agi", "la")
-COMPARISONS = ("f32_vs_f64", "batch_vs_alone", "ulp_nudge")
-CHAOS_RELATIVE_L1 = 0.01  # a float32 map further than this from its float64 map (some image) counts as chaotic
-# The reproduction run whose LA-vs-baseline differences are checked against the noise measured here.
-REPRODUCTION = "cpu_quick_64"
+FLAGS = flags.FLAGS
+parse_flags = shared.parse_flags
 
 
 def define_flags() -> None:
@@ -62,414 +36,18 @@ def define_flags() -> None:
     flags.DEFINE_string("work_dir", "runs/stability", "Per-method cache (resumable).")
     flags.DEFINE_string("results_dir", "results", "Where stability.md and stability.json are written.")
     flags.DEFINE_bool("report_only", False, "Only regenerate the report from --work_dir.")
-    flags.DEFINE_string("reproduction", REPRODUCTION, "The section of results/reproduction/ whose LA-vs-baseline "
+    flags.DEFINE_string("reproduction", "cpu_quick_64", "The section of results/reproduction/ whose LA-vs-baseline "
                         "differences are checked against the noise measured here.")
     flags.DEFINE_integer("metric_every", 1, "Score protocol la's curve at every N-th point only (N times cheaper; "
                          "exactly the la curve sampled there).")
-
-
-@dataclasses.dataclass(frozen=True)
-class StabilityConfig:
-    model: str = "efficientnet_lite0"
-    weights: str | None = None
-    data: str = "samples"
-    num_images: int = 16
-    start: int = 0
-    batch_size: int = 8
-    seed: int = 0
-    settings: str = "quick"
-    metric_every: int = 1                # protocol la's curve sampled at every N-th point
-
-    def identity(self, methods: tuple[str, ...] = ()) -> dict:
-        """The settings, with every resolved hyperparameter of ``methods``: a changed library default
-        is a different run, never a reuse of stale maps."""
-        from la_iprop.attribution import method_hparams
-        from la_iprop.runs.config import RunConfig, resolve_hparams
-
-        resolved = {m: {**method_hparams(m), **resolve_hparams(RunConfig(methods=(m,), settings=self.settings), m)}
-                    for m in methods}
-        return json.loads(json.dumps({**dataclasses.asdict(self), "resolved": resolved}, default=str))
-
-
-def nudge_one_ulp(images: np.ndarray) -> np.ndarray:
-    """Every float32 element moved by one ulp towards 0.5 (so it stays in [0, 1])."""
-    images = np.asarray(images, np.float32)
-    return np.where(images < 0.5, np.nextafter(images, np.float32(1)), np.nextafter(images, np.float32(0)))
-
-
-def _method_call(name: str, config: StabilityConfig, reference: np.ndarray):
-    from la_iprop.attribution import get_method
-    from la_iprop.runs.config import RunConfig, resolve_hparams
-
-    spec = get_method(name)
-    hparams = resolve_hparams(RunConfig(methods=(name,), settings=config.settings), name)
-    if spec.needs_reference_set:
-        hparams["reference_images"] = reference
-    return spec.fn, hparams
-
-
-def _in_batches(fn, images: np.ndarray, size: int) -> tuple[np.ndarray, list[float]]:
-    """``fn(slice)`` over consecutive batches of ``size``; the maps and each batch's seconds per image."""
-    import jax
-
-    maps, seconds = [], []
-    for begin in range(0, len(images), size):
-        started = time.perf_counter()
-        out = jax.block_until_ready(fn(slice(begin, begin + size)))
-        seconds.append((time.perf_counter() - started) / out.shape[0])
-        maps.append(np.asarray(out))
-    return np.concatenate(maps), seconds
-
-
-def measure_method(name: str, model, images: np.ndarray, labels: np.ndarray, indices: np.ndarray,
-                   reference: np.ndarray, config: StabilityConfig) -> dict:
-    """Every figure of one method (per image), as a JSON-ready dict."""
-    from la_iprop.metrics import evaluate, get_protocol
-    from la_iprop.metrics.statistics import pearson, relative_l1
-    from la_iprop.runs.config import image_keys
-
-    fn, hparams = _method_call(name, config, reference)
-    keys = image_keys(config.seed, indices)
-    size = config.batch_size
-
-    def run(x, precision, key_array=keys):
-        return lambda s: fn(model, x[s], labels[s], key=key_array[s], precision=precision, **hparams)
-
-    def stage(what, fn, *args):   # one log line per stage (each takes minutes on a CPU)
-        started = time.perf_counter()
-        out = fn(*args)
-        seconds = time.perf_counter() - started
-        log.info("%s: %s, %d images in %.1f s (%.3g images/s)", name, what, len(images), seconds,
-                 len(images) / max(seconds, 1e-9))
-        return out
-
-    f32, f32_seconds = stage("float32 maps", _in_batches, run(images, "float32"), images, size)
-    f64, f64_seconds = stage("float64 maps", _in_batches, run(images, "float64"), images, size)
-    alone, _ = stage("float32 maps one image at a time", _in_batches, run(images, "float32"), images, 1)
-    nudged, _ = stage("float32 maps of the nudged images", _in_batches, run(nudge_one_ulp(images), "float32"),
-                      images, size)
-    pairs = {"f32_vs_f64": (f32, f64), "batch_vs_alone": (f32, alone), "ulp_nudge": (f32, nudged)}
-    result = {"method": name, "hparams": {k: v for k, v in hparams.items() if k != "reference_images"},
-              "images": [int(i) for i in indices], "labels": [int(v) for v in labels],
-              "seconds_per_image": {"float32": f32_seconds, "float64": f64_seconds}}
-    for comparison, (a, b) in pairs.items():
-        result[comparison] = {"pearson": [pearson(x, y) for x, y in zip(a, b, strict=True)],
-                              "relative_l1": [relative_l1(x, y) for x, y in zip(a, b, strict=True)],
-                              "identical": [bool(np.array_equal(x, y)) for x, y in zip(a, b, strict=True)]}
-
-    protocol = get_protocol("la")
-    protocol = get_protocol("la", step=protocol.step * config.metric_every, name=f"la_every{config.metric_every}") \
-        if config.metric_every > 1 else protocol
-
-    def scores(maps):
-        game = evaluate(model, images, maps, protocol=protocol, labels=labels, precision="float32")
-        return {"insertion": game.insertion_aucs.tolist(), "deletion": game.deletion_aucs.tolist()}
-
-    result["metric"] = {"float32": stage(f"metric {protocol.name} of the float32 maps", scores, f32),
-                        "float64": stage(f"metric {protocol.name} of the float64 maps", scores, f64)}
-    if name in RANDOM_METHODS:
-        other, _ = stage("float32 maps with the next seed", _in_batches,
-                         run(images, "float32", image_keys(config.seed + 1, indices)), images, size)
-        result["metric"]["float32_next_seed"] = stage(f"metric {protocol.name} of the next seed's maps", scores, other)
-        result["next_seed_pearson"] = [pearson(x, y) for x, y in zip(f32, other, strict=True)]
-    return result
-
-
-def run_stability(config: StabilityConfig, methods: tuple[str, ...], work_dir: pathlib.Path) -> None:
-    """Measures every method not cached yet in ``work_dir`` (one JSON per method, written atomically)."""
-    import jax
-
-    from la_iprop.data import open_source
-    from la_iprop.models import load_model, predict
-    from la_iprop.runs.config import REFERENCE_SET_SIZE
-    from la_iprop.runs.store import atomic_write
-
-    work_dir.mkdir(parents=True, exist_ok=True)
-    identity_path = work_dir / "identity.json"
-    identity = config.identity(METHOD_ORDER)
-    if identity_path.exists() and json.loads(identity_path.read_text()) != identity:
-        raise ValueError(f"{work_dir} holds a run with other settings or other resolved hyperparameters "
-                         f"({identity_path}); use another --work_dir")
-    atomic_write(identity_path, lambda f: json.dump(identity, f, indent=2))
-    todo = [m for m in methods if not (work_dir / f"{m}.json").exists()]
-    if not todo:
-        return
-    model = load_model(config.model, config.weights)
-    source = open_source(config.data, size=model.input_size)
-    total = min(config.num_images, len(source) - config.start)
-    indices = np.arange(config.start, config.start + total)
-    batch = source.load(indices)
-    images = np.asarray(batch.images, np.float32)
-    labels = np.asarray(jax.jit(predict)(model, images), np.int32)
-    reference = source.load(range(min(REFERENCE_SET_SIZE, len(source)))).images
-    for name in todo:
-        log.info("%s: measuring on %d images", name, total)
-        started = time.perf_counter()
-        result = measure_method(name, model, images, labels, indices, reference, config)
-        result["wall_seconds"] = time.perf_counter() - started
-        atomic_write(work_dir / f"{name}.json", lambda f, result=result: json.dump(result, f))
-        log.info("%s: done in %.0f s", name, result["wall_seconds"])
-
-
-# ----------------------------------------------------------------------------- report
-def _summary(result: dict) -> dict:
-    from la_iprop.metrics.statistics import bootstrap_mean_ci, paired_difference_ci
-
-    out = {"n": len(result["images"])}
-    for comparison in COMPARISONS:
-        p, r = np.asarray(result[comparison]["pearson"]), np.asarray(result[comparison]["relative_l1"])
-        out[comparison] = {"pearson_median": float(np.median(p)), "pearson_min": float(p.min()),
-                           "relative_l1_median": float(np.median(r)), "relative_l1_max": float(r.max()),
-                           "identical": int(sum(result[comparison]["identical"]))}
-    metric = result["metric"]
-    for game in ("insertion", "deletion"):
-        a, b = np.asarray(metric["float32"][game]), np.asarray(metric["float64"][game])
-        out[f"abs_delta_{game}"] = bootstrap_mean_ci(np.abs(a - b)).to_dict()
-        out[f"abs_delta_{game}_max"] = float(np.abs(a - b).max())
-        out[f"delta_{game}"] = paired_difference_ci(a, b).to_dict()
-        out[f"{game}_float32"] = bootstrap_mean_ci(a).to_dict()
-        out[f"{game}_float64"] = bootstrap_mean_ci(b).to_dict()
-    f32 = np.asarray(metric["float32"]["insertion"]) - np.asarray(metric["float32"]["deletion"])
-    f64 = np.asarray(metric["float64"]["insertion"]) - np.asarray(metric["float64"]["deletion"])
-    out["abs_delta_ins_minus_del"] = bootstrap_mean_ci(np.abs(f32 - f64)).to_dict()
-    if "float32_next_seed" in metric:
-        seed = metric["float32_next_seed"]
-        for game in ("insertion", "deletion"):
-            a, b = np.asarray(metric["float32"][game]), np.asarray(seed[game])
-            out[f"seed_abs_delta_{game}"] = bootstrap_mean_ci(np.abs(a - b)).to_dict()
-            out[f"seed_delta_{game}"] = paired_difference_ci(a, b).to_dict()
-        out["seed_pearson_median"] = float(np.median(result["next_seed_pearson"]))
-        other = np.asarray(seed["insertion"]) - np.asarray(seed["deletion"])
-        out["seed_abs_delta_ins_minus_del"] = bootstrap_mean_ci(np.abs(f32 - other)).to_dict()
-    warm32, warm64 = result["seconds_per_image"]["float32"][-1], result["seconds_per_image"]["float64"][-1]
-    out["seconds_per_image_float32"], out["seconds_per_image_float64"] = warm32, warm64
-    out["float64_cost_ratio"] = warm64 / warm32 if warm32 > 0 else float("nan")
-    return out
-
-
-def _reproduction_rows(path: pathlib.Path) -> dict[str, dict[int, float]]:
-    """Per-image ins − del (protocol la) of every plain method in the reproduction run."""
-    rows: dict[str, dict[int, float]] = {}
-    if not path.exists():
-        return rows
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            # the noise is measured under protocol la; a run scored under several protocols has a row per protocol
-            if "+" not in row["method"] and row.get("protocol", "la") == "la":
-                rows.setdefault(row["method"], {})[int(row["index"])] = float(row["ins_minus_del"])
-    return rows
-
-
-def reproduction_against_noise(summaries: dict[str, dict], path: pathlib.Path) -> list[dict]:
-    """For LA vs every other method in the reproduction run: the paired difference in ins − del (95% CI)
-    and the noise of that difference measured here: for each of the two methods its mean |Δ(ins − del)|
-    between float32 and float64 maps (rounding), plus, for a method that draws from the key, its mean
-    |Δ(ins − del)| between seeds. "exceeds the noise" needs the CI to exclude 0 and its nearer end to lie
-    beyond the summed noise."""
-    from la_iprop.metrics.comparison import exceeds_noise
-    from la_iprop.metrics.statistics import paired_difference_ci
-
-    rows = _reproduction_rows(path)
-    if "la" not in rows:
-        return []
-    out = []
-    for other in sorted(m for m in rows if m != "la"):
-        common = sorted(set(rows["la"]) & set(rows[other]))
-        ci = paired_difference_ci([rows["la"][i] for i in common], [rows[other][i] for i in common])
-        noise = None
-        if "la" in summaries and other in summaries:
-            noise = sum(summaries[m]["abs_delta_ins_minus_del"]["mean"]
-                        + summaries[m].get("seed_abs_delta_ins_minus_del", {"mean": 0.0})["mean"] for m in ("la", other))
-        if not ci.excludes_zero():
-            status = "inconclusive (CI contains 0)"
-        elif noise is None:
-            status = "noise not measured"
-        else:
-            status = "exceeds the noise" if exceeds_noise(ci, noise) else "within the noise"
-        out.append({"comparison": f"la − {other}", "n": ci.n, "difference": ci.to_dict(), "noise": noise,
-                    "status": status})
-    return out
-
-
-def _fmt_ci(ci: dict, digits: int = 4) -> str:
-    return f"{ci['mean']:.{digits}f} [{ci['low']:.{digits}f}, {ci['high']:.{digits}f}]"
-
-
-def write_report(work_dir: pathlib.Path, results_dir: pathlib.Path, command: str,
-                 reproduction: str = REPRODUCTION) -> dict:
-    from la_iprop.runs.store import atomic_write
-
-    if (work_dir / "identity.json").exists():
-        identity = json.loads((work_dir / "identity.json").read_text())
-        results = {m: json.loads((work_dir / f"{m}.json").read_text())
-                   for m in METHOD_ORDER if (work_dir / f"{m}.json").exists()}
-    else:  # the per-image figures the last report stored (its work folder is gone): the report is rebuilt from them
-        previous = json.loads((results_dir / "stability.json").read_text())
-        identity, results = previous["settings"], previous["per_image"]
-    summaries = {m: _summary(r) for m, r in results.items()}
-    against = reproduction_against_noise(summaries, results_dir / "reproduction" / reproduction / "results.csv")
-    payload = {"command": command, "settings": identity, "machine": _machine(),
-               "summaries": summaries, "reproduction_vs_noise": against, "per_image": results}
-    results_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(results_dir / "stability.json", lambda f: json.dump(payload, f, indent=1))
-    atomic_write(results_dir / "stability.md", lambda f: f.write(_markdown(payload)))
-    return payload
-
-
-def _machine() -> dict:
-    import jax
-
-    return {"jax": jax.__version__, "backend": jax.default_backend(), "processor": _cpu_name(),
-            "python": platform.python_version()}
-
-
-def _cpu_name() -> str:
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _markdown(payload: dict) -> str:
-    s, settings = payload["summaries"], payload["settings"]
-    n = settings["num_images"]
-    missing = [m for m in METHOD_ORDER if m not in s]
-    lines = [
-        "# Numerical stability of the attribution methods", "",
-        f"Regenerate: `{payload['command']}` (resumable; the per-method cache is in `runs/stability/`).", "",
-        f"Model `{settings['model']}`, data `{settings['data']}` images {settings['start']}–"
-        f"{settings['start'] + n - 1} ({n} images), `{settings['settings']}` settings, batches of "
-        f"{settings['batch_size']}, seed {settings['seed']}; every map explains the class predicted on the clean "
-        f"image in float32. Machine: {payload['machine']['processor']}, {payload['machine']['backend']}, "
-        f"jax {payload['machine']['jax']}. Intervals are 95% bootstrap CIs over the images (2000 resamples, seeded).",
-        "",
-    ]
-    if missing:
-        lines += [f"**Not measured yet:** {', '.join(missing)} (rerun the command to complete the run).", ""]
-    lines += [
-        "## How far float32 maps move", "",
-        "Pearson (median / min over images) and relative L1 (median / max) between two maps of the same image; "
-        "`same` counts images whose maps are bit-identical.", "",
-        "| method | f32 vs f64: Pearson | rel. L1 | in a batch vs alone (f32): Pearson | rel. L1 | same | "
-        "input + 1 ulp (f32): Pearson | rel. L1 |",
-        "|---|---|---|---|---|---:|---|---|",
-    ]
-    for m, r in s.items():
-        a, b, c = r["f32_vs_f64"], r["batch_vs_alone"], r["ulp_nudge"]
-        lines.append(f"| {m} | {a['pearson_median']:.6f} / {a['pearson_min']:.4f} | "
-                     f"{a['relative_l1_median']:.2e} / {a['relative_l1_max']:.2e} | "
-                     f"{b['pearson_median']:.6f} / {b['pearson_min']:.4f} | "
-                     f"{b['relative_l1_median']:.2e} / {b['relative_l1_max']:.2e} | {b['identical']}/{r['n']} | "
-                     f"{c['pearson_median']:.6f} / {c['pearson_min']:.4f} | "
-                     f"{c['relative_l1_median']:.2e} / {c['relative_l1_max']:.2e} |")
-    lines += [
-        "", "## What it does to insertion / deletion (protocol `la`)", "",
-        *([f"Scored with protocol `la`'s curve sampled at every {settings['metric_every']}th point "
-           f"({224 // settings['metric_every'] + 1} of its 225 points, {settings['metric_every']}× cheaper: exactly "
-           "the `la` curve at those points, its AUC by the trapezoid rule on them).", ""]
-          if settings.get("metric_every", 1) > 1 else []),
-        "Both maps of an image scored by the same float32 metric, so the difference is the map's alone. "
-        "Mean |Δ| over images with its CI, and the largest |Δ|; `seed` rows compare seed 0 with seed 1 (float32) "
-        "for the methods that draw from the key.", "",
-        "| method | insertion (f32) | |Δ ins| f32 vs f64 | max | |Δ del| f32 vs f64 | max | |Δ(ins − del)| | "
-        "|Δ ins| seed | |Δ del| seed | f64 / f32 time |",
-        "|---|---|---|---:|---|---:|---|---|---|---:|",
-    ]
-    for m, r in s.items():
-        seed_ins = _fmt_ci(r["seed_abs_delta_insertion"]) if "seed_abs_delta_insertion" in r else "—"
-        seed_del = _fmt_ci(r["seed_abs_delta_deletion"]) if "seed_abs_delta_deletion" in r else "—"
-        lines.append(f"| {m} | {_fmt_ci(r['insertion_float32'])} | {_fmt_ci(r['abs_delta_insertion'])} | "
-                     f"{r['abs_delta_insertion_max']:.4f} | {_fmt_ci(r['abs_delta_deletion'])} | "
-                     f"{r['abs_delta_deletion_max']:.4f} | {_fmt_ci(r['abs_delta_ins_minus_del'])} | {seed_ins} | "
-                     f"{seed_del} | {r['float64_cost_ratio']:.2f} |")
-    lines += ["", "Seconds per image (warm batch, this shared CPU): " + ", ".join(
-        f"{m} {r['seconds_per_image_float32']:.2f} → {r['seconds_per_image_float64']:.2f}" for m, r in s.items()) + ".",
-        "", "## Do the method differences of REPRODUCTION.md exceed this noise?", ""]
-    if payload["reproduction_vs_noise"]:
-        lines += ["LA minus each method in ins − del on the reproduction run's images (`results/reproduction/"
-                  "cpu_quick_12`, paired 95% CI), against the noise of that difference measured above: for both "
-                  "methods the mean |Δ(ins − del)| between float32 and float64 maps, plus the mean |Δ(ins − del)| "
-                  "between seeds for a method that draws from the key. A difference \"exceeds the noise\" when its CI "
-                  "excludes 0 and its nearer end lies beyond that sum.", "",
-                  "| comparison | images | difference [95% CI] | noise | verdict |", "|---|---:|---|---:|---|"]
-        for row in payload["reproduction_vs_noise"]:
-            noise = f"{row['noise']:.4f}" if row["noise"] is not None else "—"
-            lines.append(f"| {row['comparison']} | {row['n']} | {_fmt_ci(row['difference'])} | {noise} | "
-                         f"{row['status']} |")
-    else:
-        lines.append("The reproduction run's per-image results were not found.")
-    lines += ["", "## Findings", "", *_findings(payload), ""]
-    return "\n".join(lines)
-
-
-def _findings(payload: dict) -> list[str]:
-    """One paragraph per finding, computed from the figures (nothing typed in by hand)."""
-    s = payload["summaries"]
-    if not s:
-        return ["No method measured yet."]
-    # Rounding alone moves a map by ~1e-6 relative (and the smooth gradient methods by at most a few 1e-3);
-    # a float32 map that strays more than 1% from its float64 map on some image has been amplified.
-    chaotic = [m for m, r in s.items() if r["f32_vs_f64"]["relative_l1_max"] > CHAOS_RELATIVE_L1]
-    steady = [m for m in s if m not in chaotic]
-    out = []
-    if chaotic:
-        worst = min(chaotic, key=lambda m: s[m]["f32_vs_f64"]["pearson_min"])
-        out.append(
-            f"**Chaotic in float32: {', '.join(chaotic)}.** Their float32 maps leave the float64 ones (relative L1 "
-            f"above {CHAOS_RELATIVE_L1:g} on at least one image; worst {worst}: min Pearson "
-            f"{s[worst]['f32_vs_f64']['pearson_min']:.3f}, "
-            f"relative L1 up to {s[worst]['f32_vs_f64']['relative_l1_max']:.2f}), and the same float32 code moves "
-            f"far when the image is computed alone instead of in a batch, or nudged by one ulp "
-            + "(" + "; ".join(f"{m}: min Pearson {s[m]['batch_vs_alone']['pearson_min']:.3f} batch vs alone, "
-                              f"{s[m]['ulp_nudge']['pearson_min']:.3f} nudged" for m in chaotic) + ").")
-    if steady:
-        out.append(
-            f"**Stable in float32: {', '.join(steady)}.** Float32 and float64 maps agree to a Pearson of at least "
-            f"{min(s[m]['f32_vs_f64']['pearson_min'] for m in steady):.6f} and a relative L1 of at most "
-            f"{max(s[m]['f32_vs_f64']['relative_l1_max'] for m in steady):.1e}; batch and one-ulp changes move "
-            "them by rounding only.")
-    worst_metric = max(s, key=lambda m: s[m]["abs_delta_ins_minus_del"]["mean"])
-    out.append(
-        f"**Insertion/deletion move much less than the maps.** The largest mean |Δ(ins − del)| between float32 and "
-        f"float64 maps is {worst_metric}'s {s[worst_metric]['abs_delta_ins_minus_del']['mean']:.4f} (CI "
-        f"{_fmt_ci(s[worst_metric]['abs_delta_ins_minus_del'])}); per method the mean |Δ insertion| ranges "
-        f"{min(r['abs_delta_insertion']['mean'] for r in s.values()):.1e}–"
-        f"{max(r['abs_delta_insertion']['mean'] for r in s.values()):.1e} and |Δ deletion| "
-        f"{min(r['abs_delta_deletion']['mean'] for r in s.values()):.1e}–"
-        f"{max(r['abs_delta_deletion']['mean'] for r in s.values()):.1e}.")
-    seeded = [m for m in s if "seed_abs_delta_insertion" in s[m]]
-    if seeded:
-        louder = [m for m in seeded if s[m]["seed_abs_delta_ins_minus_del"]["mean"] > s[m]["abs_delta_ins_minus_del"]["mean"]]
-        out.append(
-            "**Seed-to-seed spread of the methods that draw from the key** (mean |Δ insertion| / |Δ deletion| "
-            "between seeds 0 and 1, float32): "
-            + "; ".join(f"{m} {s[m]['seed_abs_delta_insertion']['mean']:.4f} / "
-                        f"{s[m]['seed_abs_delta_deletion']['mean']:.4f}" for m in seeded)
-            + f". The seed moves ins − del more than float32 rounding does for {len(louder)} of {len(seeded)}"
-            + (f" ({', '.join(louder)})." if louder else "."))
-    against = payload["reproduction_vs_noise"]
-    if against:
-        counts = {status: [r["comparison"] for r in against if r["status"] == status]
-                  for status in sorted({r["status"] for r in against}, key=lambda st: st != "exceeds the noise")}
-        exceeding = counts.get("exceeds the noise", [])
-        out.append("**REPRODUCTION.md against the noise** (LA vs each method, ins − del, "
-                   f"{against[0]['n']} images): " + "; ".join(f"{k}: {', '.join(v)}" for k, v in counts.items())
-                   + f". {len(exceeding)} of {len(against)} of LA's advantages are differences that neither float32 "
-                   "rounding, nor the seed, nor the sampling of images (the CI) explains; the others are not "
-                   "established by that run.")
-    cost = {m: r["float64_cost_ratio"] for m, r in s.items()}
-    out.append("**Cost of float64 on this CPU** (warm batch, float64 / float32 seconds per image): "
-               + ", ".join(f"{m} {v:.1f}×" for m, v in cost.items()) + ".")
-    return out
 
 
 def main(argv):
     del argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     from la_iprop.attribution import available_methods
+    from la_iprop.studies.stability import METHOD_ORDER, StabilityConfig, run_stability
+    from la_iprop.studies.stability_report import write_report
 
     methods = tuple(FLAGS.method or [m for m in METHOD_ORDER if m in available_methods()])
     unknown = sorted(set(methods) - set(available_methods()))
@@ -497,4 +75,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

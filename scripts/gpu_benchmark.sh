@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 15's accelerator figures in one command, sized for about 6-8 minutes of H100/H200 time
-# including compilation (estimate from the H100 figures in README: LA 36.7 images/s at T=10, K=6 on
+# including compilation (estimate from the H100 figures in docs/performance.md: LA 36.7 images/s at T=10, K=6 on
 # Lite0, so about a tenth of that at the paper's T=30, K=20):
 #     bash scripts/gpu_benchmark.sh
 # LA at the paper's settings (s=10, T=30, K=20) on EfficientNet-Lite0 (embedded weights) and

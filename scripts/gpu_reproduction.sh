@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The reproduction at the papers' settings on one GPU, in one command (issue 18), sized for about
-# 9 minutes of H100/H200 time including compilation (estimate from the H100 figures in README:
+# 9 minutes of H100/H200 time including compilation (estimate from the H100 figures in docs/performance.md:
 # LA 36.7 images/s at quick settings, the metric 48.6 images/s per map and protocol):
 #     bash scripts/gpu_reproduction.sh
 # Every method, + IProp, + the gamma = 0 control, protocols la and rise, LA over 3 seeds; the

@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from experiments.store import write_json  # noqa: E402
+from la_iprop.runs.store import write_json  # noqa: E402
 from la_iprop.data import open_source  # noqa: E402
 from la_iprop.models import available_models, load_model  # noqa: E402
 

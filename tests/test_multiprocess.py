@@ -9,7 +9,7 @@ sleeping) for the barrier test.
 
 The records must be *equal*, in float32: every process computes batches of one image on one CPU
 device, so each map and score comes from the same compiled program as in the single-process run,
-and XLA:CPU is deterministic for a given program and thread count (README, Reproducibility). The
+and XLA:CPU is deterministic for a given program and thread count (docs/reproducibility.md). The
 split of the work over processes changes nothing but who writes which batch file.
 """
 

@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 
-from experiments.stability import StabilityConfig, nudge_one_ulp, run_stability, write_report
 from la_iprop.metrics.statistics import (
     bootstrap_mean_ci,
     paired_difference_ci,
@@ -15,6 +14,8 @@ from la_iprop.metrics.statistics import (
     relative_l1,
     verdict,
 )
+from la_iprop.studies.stability import StabilityConfig, nudge_one_ulp, run_stability
+from la_iprop.studies.stability_report import write_report
 
 
 def test_bootstrap_ci_is_seeded_and_brackets_the_mean():

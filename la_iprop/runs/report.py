@@ -12,15 +12,13 @@ import functools
 import io
 import json
 import pathlib
-import platform
 import zipfile
-from importlib import metadata
 
-import jax
 import numpy as np
 
 from la_iprop.data import class_name
 from la_iprop.metrics import auc
+from la_iprop.runs.environment import device, versions
 from la_iprop.runs.store import atomic_write, load_records, maps_path, protocol_record, quarantine
 
 __all__ = ["write_reports", "summarize_variant", "CSV_COLUMNS", "markdown_table"]
@@ -33,19 +31,6 @@ FIGURE_DPI = 90
 # 1.4 in at FIGURE_DPI: 126 px per map, enough to see its structure; the grid of a full reproduction
 # (37 columns) is 1.3 MB as a palette PNG, where 2.2 in as RGBA made 13 MB (committed runs).
 HEATMAP_CELL_INCHES = 1.4
-
-
-def _versions() -> dict:
-    out = {"python": platform.python_version()}
-    for package in ("jax", "jaxlib", "flax", "numpy", "la_iprop"):
-        try:
-            out[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            out[package] = None
-    if out["la_iprop"] is None:
-        from la_iprop import __version__
-        out["la_iprop"] = __version__
-    return out
 
 
 def summarize_variant(records: dict[str, np.ndarray]) -> dict:
@@ -115,12 +100,10 @@ def write_reports(config, out: pathlib.Path, variants: list[str], expected_image
 
     results = {p: {v: summarize_variant(records[p][v]) for v in variants} for p in protocols}
     protocol_records = {p: protocol_record(out, p) for p in protocols}
-    device = jax.devices()[0]
     summary = {
         "flags": _flags(config), "precision": config.precision, "resolved": config.resolved(),
-        "protocols": protocols, "protocol": protocol_records, "versions": _versions(),
-        "device": {"backend": jax.default_backend(), "kind": getattr(device, "device_kind", str(device)),
-                   "local_devices": jax.local_device_count(), "processes": jax.process_count()},
+        "protocols": protocols, "protocol": protocol_records, "versions": versions(),
+        "device": device(),
         "results": results,
         "notes": {"results": "keyed by protocol, then method; the maps are computed once and scored under each "
                              "protocol",
@@ -206,14 +189,16 @@ def write_figures(out: pathlib.Path, variants: list[str], records: dict[str, dic
     first = records[protocols[0]][variants[0]]
     n = min(FIGURE_IMAGES, len(first["index"]))
     maps = {v: _first_maps(out, v, first["index"][:n]) for v in variants} if save_attributions else {}
-    if maps and all(m is not None and len(m) == n for m in maps.values()):
+    maps = {v: m for v, m in maps.items() if m is not None and len(m) == n}  # (named IProp variants keep none)
+    shown = [v for v in variants if v in maps]
+    if maps:
         images = source.load([int(i) for i in first["index"][:n]]).images
-        fig, axes = plt.subplots(n, len(variants) + 1, figsize=(HEATMAP_CELL_INCHES * (len(variants) + 1),
+        fig, axes = plt.subplots(n, len(shown) + 1, figsize=(HEATMAP_CELL_INCHES * (len(shown) + 1),
                                                                 HEATMAP_CELL_INCHES * n), squeeze=False)
         for row in range(n):
             axes[row, 0].imshow(images[row])
             axes[row, 0].set_title(f"{first['id'][row]}\n{class_name(int(first['predicted'][row]))}"[:40], fontsize=7)
-            for col, variant in enumerate(variants, start=1):
+            for col, variant in enumerate(shown, start=1):
                 heat = maps[variant][row].sum(-1)
                 axes[row, col].imshow(images[row].mean(-1), cmap="gray", vmin=0, vmax=1)
                 axes[row, col].imshow(_normalise(heat), cmap="jet", alpha=0.5, vmin=0, vmax=1)

@@ -1,0 +1,74 @@
+"""IProp's settings chosen by measurement (la_iprop.studies.iprop_tuning): flags, then one call.
+
+    python -m experiments.iprop_tuning --config=configs/iprop_tuning_rise.py
+    python -m experiments.iprop_tuning --config=configs/iprop_tuning_la.py
+
+Runs (or resumes) the study's two engine runs (tuning and held-out split) in
+``runs/iprop_tuning_<name>_{tune,heldout}``: the methods' maps once, every IProp setting the search
+scores as a named IProp variant of the tuning run; writes ``results/<report>`` and its JSON.
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+import shlex
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from experiments import flags as shared
+
+FLAGS = flags.FLAGS
+parse_flags = shared.parse_flags
+RUN_KEYS = ("model", "weights", "data", "settings", "seed", "precision", "batch_size")
+
+
+def define_flags() -> None:
+    config_flags.DEFINE_config_file("config", None, "The study's config file (configs/iprop_tuning_*.py).")
+    flags.DEFINE_string("runs_dir", "runs", "Where the study's runs are stored (resumable).")
+    flags.DEFINE_string("results_dir", "results", "Where the report and its JSON are written.")
+    flags.DEFINE_bool("progress", False, "Show a progress bar per engine run (false: one log line per batch).")
+
+
+def main(argv):
+    del argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    from la_iprop.models import load_model
+    from la_iprop.runs import ConfigError, RunConfig
+    from la_iprop.runs.environment import environment
+    from la_iprop.studies.iprop_tuning import Tuner, grid_from, held_out, tune
+    from la_iprop.studies.iprop_tuning_report import write_report
+
+    if FLAGS.config is None:
+        shared.refuse("--config: give the study's config file, e.g. --config=configs/iprop_tuning_rise.py")
+    study = FLAGS.config.to_dict()
+    command = "python -m experiments.iprop_tuning " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    runs = pathlib.Path(FLAGS.runs_dir)
+    try:
+        grid = grid_from(study.get("grid"))
+        common = {k: study[k] for k in RUN_KEYS if k in study}
+        model = load_model(study["model"], study.get("weights"))
+
+        def split(name: str, methods, protocol: str) -> RunConfig:
+            return RunConfig.from_mapping({**common, **study[name]}, methods=tuple(methods), protocols=(protocol,),
+                                          out=str(runs / f"iprop_tuning_{study['name']}_{name}"))
+
+        tuner = Tuner(split("tune", study["methods"], study["tune_protocol"]), model=model, progress=FLAGS.progress)
+        tuning = tune(tuner, grid, study["search"], study["criterion"], study["max_passes"])
+        held = Tuner(split("heldout", study.get("heldout_methods") or study["methods"], study["protocol"]),
+                     model=model, progress=FLAGS.progress)
+        heldout = held_out(held, tuning["chosen"])
+    except (ConfigError, ValueError) as err:
+        shared.refuse(err)
+    record = {**study, "grid": {k: list(v) for k, v in grid.items()}}
+    text = write_report(pathlib.Path(FLAGS.results_dir) / study["report"], command=command, study=record,
+                        tuning=tuning, heldout=heldout, environment=environment())
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main, flags_parser=parse_flags)
