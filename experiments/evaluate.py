@@ -34,7 +34,7 @@ def define_flags() -> None:
     flags.DEFINE_list("layout", [], "Only for shapes two layouts fit: nchw | nhwc | hw, for every key or as "
                       "KEY=LAYOUT.")
     shared.define_run_flags(("model", "weights", "data", "tfds_data_dir", "batch_size", "protocol", "iprop",
-                             "iprop_hparams", "devices", "precision", "progress"))
+                             "iprop_hparams", "iprop_preset", "devices", "precision", "progress"))
     flags.DEFINE_string("out", None, "Output directory (default: runs/evaluate_<file>_<model>_<data>...).")
     shared.define_multihost_flags()
 
@@ -45,9 +45,10 @@ def default_out(maps: str, model: str, data: str, iprop: bool, precision: str = 
         parts.append(precision)
     if iprop:
         parts.append("iprop")
-    return "runs/" + "_".join(parts)
+    return "runs/" + shared.short_name("_".join(parts))  # a long file name or --data path: still one name
 
 
+@shared.one_line_errors  # an OSError (full disk, read-only, name too long...): one line
 def main(argv):
     del argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")

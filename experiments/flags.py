@@ -4,13 +4,18 @@ Each CLI defines the groups it needs (:func:`define_run_flags`, :func:`define_mu
 and calls :func:`run_config_from_flags` to turn them into a :class:`la_iprop.runs.RunConfig`:
 the same configuration a study's config file builds (``configs/*.py``). A refused flag is one
 line on stderr and exit status 1 (:func:`parse_flags`, :func:`refuse`), before anything is written.
+An error of the operating system while a CLI runs (a full disk, a read-only file system, a name too
+long, no permission, a file where a folder should be, a move across file systems) is one line too,
+naming the path (:func:`one_line_errors`, which every CLI's ``main`` is wrapped in).
 """
 
 from __future__ import annotations
 
+import errno
+import functools
 import re
 import sys
-from typing import Any
+from typing import Any, Callable
 
 from absl import flags
 
@@ -34,7 +39,12 @@ _RUN_FLAGS: dict[str, tuple] = {
     "hparams": (flags.DEFINE_string, "", "Overrides, e.g. 'la.max_iter=30,la.sampling_times=20'."),
     "iprop": (flags.DEFINE_bool, False, "Also run every method followed by IProp (METHOD+iprop) and by its gamma = 0 "
               "control (METHOD+ctrl: the same reward rule, no propagation)."),
-    "iprop_hparams": (flags.DEFINE_string, "", "IProp overrides, e.g. 'gamma=0.9,k=8'."),
+    "iprop_hparams": (flags.DEFINE_string, "", "IProp overrides on top of --iprop_preset, e.g. 'gamma=0.9,k=8'."),
+    "iprop_preset": (flags.DEFINE_string, "la", "The IProp settings METHOD+iprop starts from: la (tuned under "
+                     "protocol la; the default) or another preset of la_iprop.iprop.PRESETS."),
+    "corruption": (flags.DEFINE_string, None, "An ImageNet-C corruption of every image, NAME:SEVERITY (e.g. "
+                   "gaussian_noise:3; needs pip install 'la_iprop[corruptions]'). Part of the run's identity."),
+    "corruption_seed": (flags.DEFINE_integer, 0, "Seed of the corruptions' randomness (with each image's id)."),
     "devices": (flags.DEFINE_integer, None, "Local devices to shard batches over (default: all)."),
     "precision": (flags.DEFINE_string, "float32", "float32 | float64 | float32_fast. float64: model, images, maps "
                   "and metric in float64 (bit-reproducible across batch sizes, thread counts and CPUs). float32_fast: "
@@ -114,9 +124,52 @@ def slug(data: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", data.split(":", 1)[-1].rstrip("/").split("/")[-1] or data)
 
 
+def short_name(name: str) -> str:
+    """A derived ``--out`` folder name that fits the file system (255 bytes per name): ``name``, or its
+    longest prefix within the budget plus a hash of the whole (:func:`la_iprop.runs.outdir.short_name`;
+    the same flags give the same folder, so rerunning a command still resumes its run)."""
+    from la_iprop.runs.outdir import short_name as shorten
+
+    return shorten(name)
+
+
 def refuse(err: BaseException | str) -> None:
     """A refused flag, config or file: one line on stderr, exit status 1."""
-    sys.exit(f"error: {err}")
+    text = " ".join(str(err).split("\n")).strip() or type(err).__name__
+    sys.exit(f"error: {text}")
+
+
+_OS_HINTS = {
+    errno.ENOSPC: "no space left on the device: free some space or use another --out, then rerun to resume",
+    errno.EROFS: "the file system is read-only: use another --out",
+    errno.ENAMETOOLONG: "a name on the path is longer than the file system allows: use a shorter --out",
+    errno.EACCES: "permission denied: use a folder you may write to",
+    errno.EPERM: "operation not permitted: use a folder you may write to",
+    errno.ENOTDIR: "a file stands where a folder is needed on the path",
+    errno.EXDEV: "a move across file systems failed",
+    errno.EDQUOT: "disk quota exceeded: free some space or use another --out, then rerun to resume",
+}
+
+
+def os_error_line(err: OSError) -> str:
+    """One line for an error of the operating system: the path (or paths) it concerns, the error's name
+    and what to do about it."""
+    paths = " -> ".join(str(p) for p in (err.filename, err.filename2) if p is not None)
+    name = errno.errorcode.get(err.errno, "") if err.errno is not None else ""
+    what = _OS_HINTS.get(err.errno, err.strerror or str(err))
+    return f"{paths or 'a file of the run'}: {what}" + (f" ({name})" if name else "")
+
+
+def one_line_errors(main: Callable) -> Callable:
+    """A CLI's ``main`` whose OSErrors (from any write of the run, report or study) end as one line on
+    stderr naming the path, and exit status 1; a refused flag (``ConfigError``) is refused inside ``main``."""
+    @functools.wraps(main)
+    def wrapped(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except OSError as err:
+            refuse(os_error_line(err))
+    return wrapped
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -32,20 +32,25 @@ def define_flags() -> None:
 
 
 def default_out(fields: dict) -> str:
-    """``runs/<methods>_<model>_<data>_<settings>_seed<seed>[_<precision>][_iprop][_<range>]``."""
+    """``runs/<methods>_<model>_<data>_<settings>_seed<seed>[_<precision>][_iprop][_<range>]``, shortened with a
+    hash when it would not fit a file name (:func:`experiments.flags.short_name`)."""
     parts = ["-".join(fields["methods"]), fields["model"], shared.slug(fields["data"]), fields["settings"],
              f"seed{fields['seed']}"]
     if fields["precision"] != "float32":
         parts.append(fields["precision"])
     if fields["iprop"]:
-        parts.append("iprop")
+        parts.append("iprop" if fields["iprop_preset"] == "la" else f"iprop-{fields['iprop_preset']}")
+    if fields["corruption"]:
+        parts.append(fields["corruption"].replace(":", "-") + (f"-s{fields['corruption_seed']}"
+                                                               if fields["corruption_seed"] else ""))
     start, stride, count = fields["start"], fields["stride"], fields["num_images"]
     if count is not None or start or stride != 1:
         stop = start + count * stride if count else "end"
         parts.append(f"{start}-{stop}" + (f"-by{stride}" if stride != 1 else ""))
-    return "runs/" + "_".join(parts)
+    return "runs/" + shared.short_name("_".join(parts))  # many methods or a long --data path: still one name
 
 
+@shared.one_line_errors  # an OSError (full disk, read-only, name too long...): one line
 def main(argv):
     del argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")

@@ -34,7 +34,8 @@ def define_flags() -> None:
     flags.DEFINE_integer("la_seeds", 3, "LA is also run with seeds seed+1 .. seed+la_seeds-1 (its target draws).")
     shared.define_run_flags(("model", "weights", "data", "tfds_data_dir", "num_images", "start", "stride",
                              "batch_size", "seed", "protocol", "settings", "hparams", "iprop", "iprop_hparams",
-                             "precision", "progress"), protocol=["la", "rise"], iprop=True)
+                             "iprop_preset", "corruption", "corruption_seed", "precision", "progress"),
+                            protocol=["la", "rise"], iprop=True)
     flags.DEFINE_string("runs_dir", "runs", "Where the runs themselves are stored (resumable).")
     flags.DEFINE_string("results_dir", "results", "Where the report and its figures are written.")
     flags.DEFINE_bool("report_only", False, "Only regenerate REPRODUCTION.md from results/reproduction/*.")
@@ -60,6 +61,7 @@ def study_fields() -> dict:
     return base
 
 
+@shared.one_line_errors  # an OSError (full disk, read-only, name too long...): one line
 def main(argv):
     del argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")

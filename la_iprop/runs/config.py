@@ -14,6 +14,8 @@ from __future__ import annotations
 import ast
 import dataclasses
 import json
+import math
+import numbers
 import os
 from typing import Any, Callable
 
@@ -25,14 +27,15 @@ from la_iprop.attribution import available_methods, get_method
 from la_iprop.attribution import method_hparams as _library_hparams
 from la_iprop.data import open_source
 from la_iprop.iprop import IPROP_SUFFIX, IPropConfig, with_iprop
-from la_iprop.metrics import PROTOCOLS
+from la_iprop.iprop.defaults import DEFAULT_PRESET, preset_hparams
+from la_iprop.metrics import PROTOCOLS, get_protocol
 from la_iprop.models import available_models
 from la_iprop.precision import PRECISIONS
 from la_iprop.runs.store import ConfigError
 
 __all__ = ["RunConfig", "ConfigError", "validate", "method_variants", "split_variant", "parse_hparams",
-           "resolve_hparams", "attribution_fn", "base_method", "method_hparams", "select_images", "image_keys", "CONTROL_SUFFIX", "SETTINGS",
-           "REFERENCE_SET_SIZE"]
+           "resolve_hparams", "attribution_fn", "base_method", "method_hparams", "select_images", "image_keys",
+           "CONTROL_SUFFIX", "SETTINGS", "REFERENCE_SET_SIZE", "RUNNER_SUPPLIED", "SEED_LIMIT"]
 
 # The gamma = 0 control of an IProp comparison: the same reward rule (channel aggregation), no
 # propagation; it separates the gain of propagation from that of turning the map per-pixel.
@@ -73,11 +76,19 @@ class RunConfig:
     iprop: bool = False                  # also run every method + IProp, and its gamma = 0 control
     settings: str = "quick"              # "quick": cheap CPU settings; "paper": the methods' defaults
     hparams: dict = dataclasses.field(default_factory=dict)        # {method: {name: value}}
-    iprop_hparams: dict = dataclasses.field(default_factory=dict)  # {name: value}
+    iprop_hparams: dict = dataclasses.field(default_factory=dict)  # {name: value}, on top of the preset
+    iprop_preset: str = DEFAULT_PRESET   # the IProp settings METHOD+iprop starts from (la_iprop.iprop.PRESETS)
+    corruption: str | None = None        # an ImageNet-C corruption of every image, NAME:SEVERITY (la_iprop.data)
+    corruption_seed: int = 0             # its per-image randomness is drawn from this seed and the image id
     out: str = ""
     devices: int | None = None           # local devices to shard over (None: all)
     save_attributions: bool = True
     precision: str = "float32"           # "float64": model, images, maps and metric in float64 (bit-reproducible)
+    # Named IProp settings {LABEL: hyperparameters}, each run on every method's stored maps as METHOD+iprop@LABEL.
+    # Like the protocols they post-process stored maps, so they are not part of the run's identity: each
+    # variant's resolved settings are recorded (and checked) in batches/<variant>/iprop.json, and a
+    # setting can be added to a finished run (a tuning search adds them step by step).
+    iprop_variants: dict = dataclasses.field(default_factory=dict)
     # Maps made elsewhere (:class:`la_iprop.runs.external_maps.ExternalMaps`, ``python -m experiments.evaluate``):
     # ``methods`` are then the file's keys, read from it instead of computed (not registered methods).
     external: Any = None
@@ -107,7 +118,12 @@ class RunConfig:
         not among them: stored maps are scored under any protocol (each records its own settings)."""
         keep = ("methods", "model", "weights", "data", "num_images", "start", "stride", "batch_size", "seed",
                 "iprop", "settings", "hparams", "iprop_hparams", "save_attributions", "precision")
-        return json.loads(json.dumps({**{k: getattr(self, k) for k in keep}, "resolved": self.resolved()},
+        # Settings added later enter the identity only when they are not at their default, so a run
+        # folder written before they existed keeps its identity.
+        extra = {k: getattr(self, k) for k in ("iprop_preset",) if getattr(self, k) != DEFAULT_PRESET}
+        if self.corruption is not None:
+            extra.update(corruption=self.corruption, corruption_seed=self.corruption_seed)
+        return json.loads(json.dumps({**{k: getattr(self, k) for k in keep}, **extra, "resolved": self.resolved()},
                                      default=str))
 
     def resolved(self) -> dict:
@@ -119,9 +135,23 @@ class RunConfig:
             resolved = {"methods": {m: {k: v for k, v in {**method_hparams(m), **resolve_hparams(self, m)}.items()
                                         if k != "reference_images"} for m in self.methods}}
         if self.iprop:
-            resolved["iprop"] = IPropConfig(**self.iprop_hparams).as_dict()
+            resolved["iprop"] = IPropConfig(**_iprop_hparams(self)).as_dict()
             resolved["iprop_control"] = IPropConfig(**_control_hparams(self)).as_dict()
         return json.loads(json.dumps(resolved, default=str))
+
+
+def resolve_protocol(name: str):
+    """A protocol by name: a preset (``la``, ``rise``), or ``<preset>_every<k>``, the preset's curve
+    sampled at every k-th point (its step times k: k times cheaper, exactly the preset's curve
+    there), the cheap protocol of a tuning search."""
+    preset, _, every = name.partition("_every")
+    if preset in PROTOCOLS and every.isdigit() and int(every) >= 1:
+        k = int(every)
+        return get_protocol(preset, step=get_protocol(preset).step * k, name=name) if k > 1 else get_protocol(preset)
+    if name not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {name!r}; available: {', '.join(PROTOCOLS)}, or PRESET_every<k> "
+                         "(the preset's curve at every k-th point)")
+    return get_protocol(name)
 
 
 def _plain(value: Any) -> Any:
@@ -154,31 +184,47 @@ def parse_hparams(text: str, methods: tuple[str, ...]) -> dict:
         else:
             raise ConfigError(f"--hparams: {item!r} must name its method (METHOD.NAME=VALUE) when running "
                               f"several methods")
+        method, name = method.strip(), name.strip()
         try:
             parsed = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
+        except (ValueError, SyntaxError, TypeError):
             parsed = value
-        result.setdefault(method, {})[name.strip()] = parsed
+        except (RecursionError, MemoryError):
+            raise ConfigError(f"--hparams: {method}.{name}: the value is nested too deeply to read") from None
+        if name in result.get(method, {}):  # the last one silently winning would hide a typo
+            raise ConfigError(f"--hparams: {method}.{name} given more than once")
+        result.setdefault(method, {})[name] = parsed
     return result
 
 
 def method_variants(config: RunConfig) -> list[str]:
     """Names of the attribution variants run: each method; with --iprop also ``method+ctrl`` and
-    ``method+iprop`` (after the methods: they post-process the methods' stored maps)."""
+    ``method+iprop``; then ``method+iprop@LABEL`` for every named IProp setting of ``iprop_variants``
+    (after the methods: they post-process the methods' stored maps)."""
     names = list(config.methods)
     if config.iprop:
         names += [m + CONTROL_SUFFIX for m in config.methods] + [m + IPROP_SUFFIX for m in config.methods]
+    names += [f"{m}{IPROP_SUFFIX}{VARIANT_SEPARATOR}{label}" for label in config.iprop_variants for m in config.methods]
     return names
 
 
+def _iprop_hparams(config: RunConfig) -> dict:
+    """METHOD+iprop's settings: the run's preset with its ``iprop_hparams`` on top."""
+    return {**preset_hparams(config.iprop_preset), **config.iprop_hparams}
+
+
 def _control_hparams(config: RunConfig) -> dict:
-    return {**config.iprop_hparams, "gamma": 0.0}
+    return {**_iprop_hparams(config), "gamma": 0.0}
 
 
 def split_variant(config: RunConfig, variant: str) -> tuple[str, dict | None]:
     """``(method, IProp hyperparameters)`` of a variant; None for the method's own map."""
+    named = IPROP_SUFFIX + VARIANT_SEPARATOR
+    if named in variant:
+        method, label = variant.rsplit(named, 1)
+        return method, dict(config.iprop_variants[label])
     if variant.endswith(IPROP_SUFFIX):
-        return variant[: -len(IPROP_SUFFIX)], dict(config.iprop_hparams)
+        return variant[: -len(IPROP_SUFFIX)], _iprop_hparams(config)
     if variant.endswith(CONTROL_SUFFIX):
         return variant[: -len(CONTROL_SUFFIX)], _control_hparams(config)
     return variant, None
@@ -188,8 +234,94 @@ def _duplicates(names) -> list[str]:
     return sorted({n for n in names if list(names).count(n) > 1})
 
 
+# Hyperparameters the runner supplies itself: a value given for them would be recorded in run.json and
+# then replaced (EG's reference set is the first images of --data, recorded with their hashes).
+RUNNER_SUPPLIED = {"reference_images": f"the runner passes the first {REFERENCE_SET_SIZE} images of --data"}
+# A run's seed: jax.random.PRNGKey keeps its low 32 bits (without jax_enable_x64), so seeds that differ
+# only above them (or a negative seed and its 2**32 complement) would give the same maps as another run.
+SEED_LIMIT = 2 ** 32
+# Flag of each RunConfig field whose type validate checks (a study or sweep config may give any JSON type).
+_FLAGS = {"methods": "--method", "protocols": "--protocol", "model": "--model", "weights": "--weights",
+          "data": "--data", "tfds_data_dir": "--tfds_data_dir", "num_images": "--num_images", "start": "--start",
+          "stride": "--stride", "batch_size": "--batch_size", "seed": "--seed", "iprop": "--iprop",
+          "settings": "--settings", "hparams": "--hparams", "iprop_hparams": "--iprop_hparams", "out": "--out",
+          "devices": "--devices", "save_attributions": "--save_attributions", "precision": "--precision"}
+_INTEGERS = ("num_images", "start", "stride", "batch_size", "seed", "devices")  # num_images, devices: or None
+_OPTIONAL = ("num_images", "devices", "weights", "tfds_data_dir")
+_STRINGS = ("model", "weights", "data", "tfds_data_dir", "settings", "out", "precision")
+
+
+def _check_types(config: RunConfig) -> None:
+    """Each field of the type its checks assume: a JSON config's ``"8"``, ``1.5``, ``true`` or ``null`` is
+    one line naming the setting, not a TypeError further on (``True`` is not an integer here)."""
+    for name, flag in _FLAGS.items():
+        value = getattr(config, name)
+        if value is None and name in _OPTIONAL:
+            continue
+        if name in _INTEGERS and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+            raise ConfigError(f"{flag}: must be an integer, got {value!r}")
+        if name in _STRINGS and not isinstance(value, str):
+            raise ConfigError(f"{flag}: must be a string, got {value!r}")
+        if name in ("iprop", "save_attributions") and not isinstance(value, (bool, np.bool_)):
+            raise ConfigError(f"{flag}: must be true or false, got {value!r}")
+        if name in ("methods", "protocols") and not (name == "protocols" and isinstance(value, str)) and (
+                not isinstance(value, (tuple, list)) or not all(isinstance(v, str) and v for v in value)):
+            raise ConfigError(f"{flag}: must be a list of names, got {value!r}")
+        if name in ("hparams", "iprop_hparams") and not isinstance(value, dict):
+            raise ConfigError(f"{flag}: must be a mapping of names to values, got {type(value).__name__}")
+    for method, values in config.hparams.items():
+        if not isinstance(values, dict) or not all(isinstance(k, str) for k in values):
+            raise ConfigError(f"--hparams: {method!r}: expected a mapping of hyperparameter names to values, got "
+                              f"{values!r}"[:200])
+    if not 0 <= config.seed < SEED_LIMIT:
+        raise ConfigError(f"--seed: must be in [0, 2**32), got {config.seed}: jax.random.PRNGKey keeps the low 32 "
+                          "bits, so a larger or negative seed would repeat the maps of another seed")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_finite(where: str, value: Any, numeric: bool) -> None:
+    """Numbers must be finite (an infinite radius or noise level gives all-zero maps that score well);
+    ``numeric``: the default is a number, so a string that reads as one (``inf``, ``nan``) is one too."""
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_finite(f"{where}[{i}]", item, numeric)
+        return
+    if isinstance(value, np.ndarray):
+        bad = np.issubdtype(value.dtype, np.number) and not np.isfinite(value).all()
+    elif _is_number(value):
+        try:
+            bad = not math.isfinite(value)
+        except OverflowError:  # an integer beyond float's range is still a finite number
+            bad = False
+    elif numeric and isinstance(value, str):
+        try:
+            bad = not math.isfinite(float(value))
+        except ValueError:
+            bad = False  # not a number at all: the method's own check names what it expects
+    else:
+        bad = False
+    if bad:
+        raise ConfigError(f"{where}={value!r}: must be a finite number")
+
+
+def _check_hparam(method: str, name: str, value: Any, default: Any) -> None:
+    """Refuses what a run cannot honour: a value the runner supplies itself, an output other than maps,
+    a non-finite number."""
+    where = f"--hparams: {method}.{name}"
+    if name in RUNNER_SUPPLIED:
+        raise ConfigError(f"{where}: supplied by the runner ({RUNNER_SUPPLIED[name]}), it cannot be set")
+    if name.startswith("return_") and value is not False:
+        raise ConfigError(f"{where}={value!r}: a run stores the maps only; {name} changes what {base_method(method)} "
+                          "returns (call the library function for it)")
+    _check_finite(where, value, _is_number(default))
+
+
 def validate(config: RunConfig):
     """Checks every flag cheaply; returns the opened image source. Raises ConfigError."""
+    _check_types(config)
     if not config.methods:
         raise ConfigError("--method: give at least one method, e.g. --method=la")
     if config.precision not in PRECISIONS:
@@ -208,9 +340,10 @@ def validate(config: RunConfig):
         if method not in config.methods:
             raise ConfigError(f"--hparams: method {method!r} is not among --method ({', '.join(config.methods)})")
         known = method_hparams(method)
-        for name in values:
+        for name, value in values.items():
             if name not in known:
                 raise ConfigError(f"--hparams: {method} has no hyperparameter {name!r}; it has: {', '.join(known)}")
+            _check_hparam(method, name, value, known[name])
     if config.model not in available_models():
         raise ConfigError(f"--model: unknown model {config.model!r}; available: {', '.join(available_models())}")
     if config.weights is not None and not os.path.isfile(config.weights):
@@ -218,8 +351,10 @@ def validate(config: RunConfig):
     if isinstance(config.protocols, str) or not config.protocols:
         raise ConfigError(f"--protocol: give a list of protocols, e.g. la,rise; got {config.protocols!r}")
     for protocol in config.protocols:
-        if protocol not in PROTOCOLS:
-            raise ConfigError(f"--protocol: unknown protocol {protocol!r}; available: {', '.join(PROTOCOLS)}")
+        try:
+            resolve_protocol(protocol)
+        except ValueError as err:
+            raise ConfigError(f"--protocol: {err}") from None
     if _duplicates(config.protocols):
         raise ConfigError(f"--protocol: {', '.join(_duplicates(config.protocols))} given more than once")
     if config.settings not in SETTINGS:
@@ -239,16 +374,30 @@ def validate(config: RunConfig):
     if os.path.exists(config.out) and not os.path.isdir(config.out):
         raise ConfigError(f"--out: {config.out} exists and is not a folder")
     try:
-        source = open_source(config.data, tfds_data_dir=config.tfds_data_dir)
-    except (ValueError, OSError) as err:
+        source = open_source(config.data, tfds_data_dir=config.tfds_data_dir, corruption=config.corruption,
+                             corruption_seed=config.corruption_seed)
+    except (ValueError, OSError, ImportError) as err:  # (ImportError: the corruptions extra is not installed)
         raise ConfigError(f"--data: {err}") from None
     if config.start >= len(source):
         raise ConfigError(f"--start: {config.start} is past the end of {config.data} ({len(source)} images)")
+    for name, value in config.iprop_hparams.items():
+        _check_finite(f"--iprop_hparams: {name}", value, True)
+    try:
+        preset_hparams(config.iprop_preset)
+    except ValueError as err:
+        raise ConfigError(f"--iprop_preset: {err}") from None
     if config.iprop_hparams:
         try:
-            IPropConfig(**config.iprop_hparams)
+            IPropConfig(**_iprop_hparams(config))
         except (TypeError, ValueError) as err:
             raise ConfigError(f"--iprop_hparams: {err}") from None
+    for label, hparams in config.iprop_variants.items():
+        if not isinstance(label, str) or not label.replace("_", "").isalnum():
+            raise ConfigError(f"iprop_variants: label {label!r} must be letters, digits and _")
+        try:
+            IPropConfig(**hparams)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"iprop_variants: {label}: {err}") from None
     return source
 
 

@@ -15,6 +15,7 @@ devices (a 1-D ``data`` mesh); with ``jax.distributed`` initialised, each proces
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import pathlib
@@ -27,12 +28,21 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from la_iprop.iprop import iprop
-from la_iprop.metrics import evaluate, get_protocol
+from la_iprop.iprop import IPROP_SUFFIX, IPropConfig, iprop
+from la_iprop.metrics import evaluate
 from la_iprop.models import predict
 from la_iprop.precision import cast_floats, precision_scope
 from la_iprop.runs import multihost, report, store
-from la_iprop.runs.config import ConfigError, RunConfig, attribution_fn, image_keys, method_variants, split_variant
+from la_iprop.runs.config import (
+    VARIANT_SEPARATOR,
+    ConfigError,
+    RunConfig,
+    attribution_fn,
+    image_keys,
+    method_variants,
+    resolve_protocol,
+    split_variant,
+)
 from la_iprop.runs.prepare import prepare
 from la_iprop.runs.progress import RunningMean, RunProgress
 from la_iprop.runs.store import maps_path, scores_path
@@ -90,12 +100,13 @@ def _scan_store(config: RunConfig, out: pathlib.Path, batches: list[store.BatchS
     """Checks every batch file of the run (see :mod:`la_iprop.runs.store`); moves the bad ones aside."""
     process, processes = jax.process_index(), jax.process_count()
     specs = {spec.number: spec for spec in batches}
-    image_shape = (image_size, image_size, 3) if config.save_attributions else None
     moved = []
     for variant in variants:
+        image_shape = (image_size, image_size, 3) if _keeps_maps(config, variant) else None
         moved += store.scan(
             out, out / "batches" / variant,
-            lambda b, path: store.check_maps_file(path, specs[b], image_shape=image_shape, dtype=config.precision),
+            lambda b, path, image_shape=image_shape: store.check_maps_file(path, specs[b], image_shape=image_shape,
+                                                                          dtype=config.precision),
             batches=len(batches), mine=lambda b: b % processes == process, strays=process == 0,
             unfinished=processes == 1)
         for p, proto in protocols.items():
@@ -112,24 +123,57 @@ def _scan_store(config: RunConfig, out: pathlib.Path, batches: list[store.BatchS
     return moved
 
 
-def run(config: RunConfig, *, progress: bool = True, model=None) -> dict:
+def _keeps_maps(config: RunConfig, variant: str) -> bool:
+    """Whether a variant's maps are stored: with ``save_attributions``, except a named IProp variant's
+    (``METHOD+iprop@LABEL``), which is recomputed from the stored method maps when needed (a tuning
+    search makes hundreds of them; their scores are what it keeps)."""
+    return config.save_attributions and IPROP_SUFFIX + VARIANT_SEPARATOR not in variant
+
+
+def _check_iprop_variants(out: pathlib.Path, config: RunConfig) -> None:
+    """The maps of a named IProp variant (``METHOD+iprop@LABEL``) stored in ``out`` must have been made
+    with its settings now: they are recorded in ``batches/<variant>/iprop.json`` when it is first run."""
+    named = IPROP_SUFFIX + VARIANT_SEPARATOR
+    for variant in method_variants(config):
+        if named not in variant:
+            continue
+        settings = IPropConfig(**split_variant(config, variant)[1]).as_dict()
+        path = out / "batches" / variant / "iprop.json"
+        if not path.exists():
+            store.write_json(path, settings)
+            continue
+        try:
+            stored = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"iprop_variants: cannot read {path} ({err}); move it and batches/{variant} aside") from None
+        if stored != json.loads(json.dumps(settings, default=str)):
+            changed = sorted(k for k in set(stored) | set(settings) if stored.get(k) != settings.get(k))
+            raise ConfigError(f"iprop_variants: {variant} in {out} was computed with other IProp settings "
+                              f"({', '.join(changed)}); give the new setting another label")
+
+
+def run(config: RunConfig, *, progress: bool = True, model=None, reports: bool = True) -> dict:
     """Runs (or resumes) an experiment and writes its reports; returns the summary.
 
     Nothing is written before every check of :func:`prepare` has passed. ``model``: an already
-    loaded classifier for ``config.model`` (the sweep shares one between cells)."""
+    loaded classifier for ``config.model`` (the sweep shares one between cells). ``reports=False``:
+    only the batch files (a study reads the records itself); returns ``{}``."""
     prepared = prepare(config, model=model)
     source, model, indices = prepared.source, prepared.model, prepared.indices
-    protocols = {p: get_protocol(p) for p in config.protocols}
+    protocols = {p: resolve_protocol(p) for p in config.protocols}
 
     out = pathlib.Path(config.out)
     with multihost.process_zero_first("run identity"):  # process 0 writes a new run.json, the others check it
         multihost.require_visible(out / "run.json", "--out")
         run_digest = check_identity(out, config, prepared.data)
         protocol_digests = {p: store.check_protocol(out, p, proto.to_dict()) for p, proto in protocols.items()}
+        _check_iprop_variants(out, config)
     total = len(indices)
     variants = method_variants(config)
+    checksums = store.run_checksums(out)  # False only for a run folder begun before batch checksums
     specs = [store.BatchSpec(b, idx, [source.ids[int(i)] for i in idx],
-                             prepared.hashes[b * config.batch_size:b * config.batch_size + len(idx)], run_digest)
+                             prepared.hashes[b * config.batch_size:b * config.batch_size + len(idx)], run_digest,
+                             checksums=checksums)
              for b, idx in _batches(config, indices)]
     _scan_store(config, out, specs, variants, protocols, protocol_digests, model.input_size)
     process, processes = jax.process_index(), jax.process_count()
@@ -169,7 +213,7 @@ def run(config: RunConfig, *, progress: bool = True, model=None) -> dict:
         b, n = spec.number, len(spec)
         tracker.start_batch(variant, b, n, running[variant])
         if loaded is None or loaded[0] != b:
-            batch = source.load(spec.indices)
+            batch = _load_unchanged(source, spec, out)
             loaded = (b, sharder.put(jnp.asarray(batch.images), shape_size)[0], batch.labels)
         images, labels = loaded[1], loaded[2]
         stored = _read_stored_maps(out, variant, b) if have_maps else None
@@ -194,7 +238,7 @@ def run(config: RunConfig, *, progress: bool = True, model=None) -> dict:
                           "hash": np.asarray(spec.hashes, dtype=np.str_), "label": labels.astype(np.int64),
                           "predicted": np.asarray(predicted[:n], np.int64), "seconds": np.full(n, seconds),
                           "run": np.asarray(run_digest)}
-                if config.save_attributions:
+                if _keeps_maps(config, variant):
                     record["attribution"] = np.asarray(maps[:n], config.precision)  # float64 keeps every bit
                 store.write_npz(maps_path(out, variant, b), record)
             missing = list(protocols)  # new maps: scores of older maps (if any) do not hold for them
@@ -224,8 +268,25 @@ def run(config: RunConfig, *, progress: bool = True, model=None) -> dict:
             multihost.wait_until_visible([path for spec in specs for v in variants for path in
                                           (maps_path(out, v, spec.number),
                                            *(scores_path(out, p, v, spec.number) for p in protocols))])
-            return report.write_reports(config, out, variants, total, source)
-    return report.write_reports(config, out, variants, total, source)
+            return report.write_reports(config, out, variants, total, source) if reports else {}
+    return report.write_reports(config, out, variants, total, source) if reports else {}
+
+
+def _load_unchanged(source, spec: store.BatchSpec, out: pathlib.Path):
+    """The images of a batch, whose content must still be what run.json recorded when the run started
+    (hashed again after loading): an image replaced during the run is refused by name, not scored on
+    pixels the run's identity does not describe."""
+    try:
+        batch = source.load(spec.indices)
+        changed = store.changed_images(source, spec.indices, spec.hashes)
+    except (ValueError, OSError) as err:
+        raise ConfigError(f"--data: batch {spec.number}: {str(err).splitlines()[0] if str(err) else err!r} (the "
+                          f"image was readable when the run started); restore it and rerun") from None
+    if changed:
+        raise ConfigError(f"--data: {', '.join(changed[:3])}{' and more' if len(changed) > 3 else ''} changed during "
+                          f"the run (not the content recorded in {out / 'run.json'} when it started); restore the "
+                          "image(s) and rerun, or start another --out for the new ones")
+    return batch
 
 
 def _read_stored_maps(out: pathlib.Path, variant: str, batch: int) -> dict[str, np.ndarray] | None:
