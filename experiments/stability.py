@@ -42,6 +42,7 @@ def define_flags() -> None:
                          "exactly the la curve sampled there).")
 
 
+@shared.one_line_errors  # an OSError (full disk, read-only, name too long...): one line
 def main(argv):
     del argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")

@@ -38,6 +38,7 @@ def define_flags() -> None:
     shared.define_multihost_flags()
 
 
+@shared.one_line_errors  # an OSError (full disk, read-only, name too long...): one line
 def main(argv):
     del argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -49,10 +50,10 @@ def main(argv):
         shared.refuse("--config and --out are required")
     try:
         spec = json.loads(pathlib.Path(FLAGS.config).read_text())
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, RecursionError) as err:  # RecursionError: JSON nested too deeply
         shared.refuse(f"--config: cannot read {FLAGS.config}: {err}")
     try:
-        if FLAGS.precision:
+        if FLAGS.precision and isinstance(spec, dict):  # (another JSON type is refused by run_sweep)
             spec = {**spec, "precision": FLAGS.precision}
         rows = run_sweep(spec, FLAGS.out, progress=FLAGS.progress)
     except ConfigError as err:

@@ -263,6 +263,7 @@ def test_a_refused_flag_writes_nothing_and_the_corrected_command_runs(tmp_path):
 
 # ----------------------------------------------------------------------------- checked batch files
 def test_bad_batch_files_are_moved_aside_and_recomputed(tmp_path, counted):
+    from la_iprop.runs.checksums import with_checksum
     from la_iprop.runs.engine import run
 
     out = tmp_path / "run"
@@ -286,7 +287,7 @@ def test_bad_batch_files_are_moved_aside_and_recomputed(tmp_path, counted):
     (scores / "batch_00001 (copy).npz").write_bytes((scores / "batch_00001.npz").read_bytes())
     short = dict(np.load(scores / "batch_00001.npz"))
     short["insertion"] = short["insertion"][:1]
-    np.savez(scores / "batch_00001.npz", **short)
+    np.savez(scores / "batch_00001.npz", **with_checksum(short))  # a valid checksum: the row count is checked
     (maps / "batch_00007.npz").write_bytes((maps / "batch_00001.npz").read_bytes())
     data = (maps / "batch_00002.npz").read_bytes()
     (maps / "batch_00002.npz").write_bytes(data[: len(data) // 2])

@@ -53,7 +53,7 @@ def _probe_classifier(model):
     """The run's classifier, whose first call goes through (what a method's checks of the classifier
     make: ``jax.eval_shape`` of its logits, or a trace) and whose second call stops the method: the
     checks a method makes after its first look at the classifier (target classes against the class
-    count, ...) run, and nothing is compiled or computed."""
+    count, ...) run, and no attribution is computed."""
     calls = []
     preprocess = model.preprocess
 

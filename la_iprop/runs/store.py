@@ -22,17 +22,27 @@ now (an image added to, removed from or changed in a folder is a different run, 
 with a line naming the images); then every batch file of the run is checked against
 what it must hold — readable, the expected keys, ``run`` (the digest of the identity),
 ``protocol`` (the digest of the protocol's settings), the dataset indices, ids and content
-hashes of exactly its batch, one row per image, map shape and dtype, curve length. A file
-that fails (corrupt, short, another run's, another image set's) or that is not a batch of
-the run (a stray name or batch number) is moved to ``OUT/quarantine/`` and recomputed, so
-rerunning the same command always ends.
+hashes of exactly its batch, one row per image, map shape and dtype, curve length, and its
+content checksum (:mod:`la_iprop.runs.checksums`: every array is read in full and its sha256
+recomputed, so a byte damaged anywhere is found). A file that fails (corrupt, short, another
+run's, another image set's, another content than it was written with) or that is not a batch of
+the run (a stray name or batch number) is moved to ``OUT/quarantine/`` (a copy and an unlink when
+that is on another file system) and recomputed, so rerunning the same command always ends. While
+the run goes on, each batch's images are hashed again when the batch is loaded
+(:func:`check_unchanged`): an image replaced during the run is refused by name instead of being
+scored on pixels its run.json does not describe.
+
+Run folders written before the checksums (their run.json has no ``"checksums"`` entry) still
+resume: their batch files are read in full (the zip's CRC-32 of every array) and checked as before,
+and the batches they compute from then on carry a checksum. A run.json with ``"checksums"``
+requires one in every batch file (a file without it is quarantined and recomputed). To bring an
+old run wholly under checksums, move its ``batches/`` and ``scores/`` aside and rerun the command.
 
 This module sits below both the runner and the report layer (it imports neither).
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import datetime
 import hashlib
 import json
@@ -40,16 +50,19 @@ import logging
 import os
 import pathlib
 import re
-import tempfile
 import zipfile
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
-__all__ = ["ConfigError", "FORMAT", "atomic_write", "copy_file", "digest", "batch_path", "maps_path", "scores_path",
-           "protocol_path", "read_run", "check_run", "check_protocol", "record_protocol", "load_records",
-           "image_hashes", "describe_image_change", "BatchSpec", "check_maps_file", "check_scores_file",
-           "quarantine", "scan", "MAP_KEYS", "SCORE_KEYS"]
+from la_iprop.runs.checksums import ALGORITHM, CHECKSUM, read_verified, with_checksum
+from la_iprop.runs.files import atomic_write, copy_file, move_file, write_json
+from la_iprop.runs.fingerprint import _few, changed_images, describe_image_change, image_hashes
+
+__all__ = ["ConfigError", "FORMAT", "atomic_write", "copy_file", "write_json", "write_npz", "digest", "batch_path",
+           "maps_path", "scores_path", "protocol_path", "read_run", "check_run", "run_checksums", "check_protocol",
+           "record_protocol", "load_records", "image_hashes", "changed_images", "describe_image_change", "BatchSpec",
+           "check_maps_file", "check_scores_file", "quarantine", "scan", "MAP_KEYS", "SCORE_KEYS"]
 
 log = logging.getLogger("la_iprop")
 
@@ -58,6 +71,9 @@ FORMAT = 2  # run folders before this one stored one protocol's scores inside th
 MAP_KEYS = ("index", "id", "hash", "label", "predicted", "seconds", "run")
 SCORE_KEYS = ("index", "id", "hash", "insertion", "deletion", "insertion_curve", "deletion_curve", "run", "protocol")
 BATCH_NAME = re.compile(r"batch_(\d{5,})\.npz")
+# Files of a variant's folder that are not batches and stay where they are: a named IProp variant's
+# settings (``batches/METHOD+iprop@LABEL/iprop.json``, checked by the engine).
+KEPT_NAMES = ("iprop.json",)
 UNFINISHED_NAME = re.compile(r"\.batch_(\d{5,})\.npz\..*\.tmp")  # atomic_write's temporary files
 
 
@@ -66,47 +82,10 @@ class ConfigError(ValueError):
 
 
 # ----------------------------------------------------------------------------- files
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-_FILE_MODE = 0o666 & ~_umask()  # what open() would give; mkstemp's 0600 would hide results from the user's group
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "w") -> None:
-    """Writes via a temporary file in the same directory, then renames: never a partial file. The
-    file gets the permissions ``open()`` would give it (the process's umask)."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, _FILE_MODE)
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def copy_file(source: str | os.PathLike, target: str | os.PathLike) -> None:
-    """A whole copy or none (atomic): a report reads these files, and an interrupted copy must not look
-    finished."""
-    content = pathlib.Path(source).read_bytes()
-    atomic_write(target, lambda f: f.write(content), mode="wb")
-
-
 def write_npz(path: str | os.PathLike, record: dict[str, np.ndarray]) -> None:
+    """A batch file, atomically, with the checksum of its content (:mod:`la_iprop.runs.checksums`)."""
+    record = with_checksum(record)
     atomic_write(path, lambda f: np.savez(f, **record), mode="wb")
-
-
-def write_json(path: str | os.PathLike, content: Any) -> None:
-    atomic_write(path, lambda f: json.dump(content, f, indent=2, default=str))
 
 
 def digest(content: Any) -> str:
@@ -155,8 +134,9 @@ def check_run(out: str | os.PathLike, identity: dict) -> str:
     identity = json.loads(json.dumps({**identity, "format": FORMAT}, default=str))
     previous = read_run(out)
     if previous is None:
-        write_json(out / "run.json", identity)
+        write_json(out / "run.json", {**identity, "checksums": ALGORITHM})
     else:
+        previous = _identity_of(previous)
         changed = sorted(k for k in set(previous) | set(identity) if previous.get(k) != identity.get(k))
         data_keys = {"images", "reference"}
         if changed and set(changed) <= data_keys:
@@ -171,54 +151,19 @@ def check_run(out: str | os.PathLike, identity: dict) -> str:
     return digest(identity)
 
 
-def _few(names: Sequence[str], limit: int = 3) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+# Entries of run.json about how the store keeps the run, not what the run is: neither compared nor digested
+# (a run folder written before checksums resumes under the same identity and digest).
+_STORE_KEYS = ("checksums",)
 
 
-def describe_image_change(old: dict, new: dict, what: str = "images") -> str:
-    """``old`` / ``new``: ``{"ids": [...], "hashes": [...], ...}``; a short account of the difference."""
-    old_ids, new_ids = list(old.get("ids", [])), list(new.get("ids", []))
-    old_hash = dict(zip(old_ids, old.get("hashes", []), strict=False))
-    new_hash = dict(zip(new_ids, new.get("hashes", []), strict=False))
-    added = [i for i in new_ids if i not in old_hash]
-    dropped = [i for i in old_ids if i not in new_hash]
-    changed = [i for i in new_ids if i in old_hash and old_hash[i] != new_hash[i]]
-    parts = []
-    if added:
-        parts.append(f"{len(added)} image(s) now in the {what} that were not ({_few(added)})")
-    if dropped:
-        parts.append(f"{len(dropped)} image(s) no longer in the {what} ({_few(dropped)})")
-    if changed:
-        parts.append(f"{len(changed)} image(s) with other content ({_few(changed)})")
-    if not parts:
-        if old_ids != new_ids:
-            parts.append(f"the {what} are in another order")
-        else:
-            parts.append(f"the {what} are selected differently (dataset indices)")
-    return ", ".join(parts)
+def _identity_of(run: dict) -> dict:
+    return {k: v for k, v in run.items() if k not in _STORE_KEYS}
 
 
-def image_hashes(source, indices: Sequence[int], *, workers: int | None = None) -> list[str]:
-    """A content hash of each image as decoded by ``source`` (before resizing): every image is read
-    once, so an undecodable or oversized one is an error naming it before any work starts.
-
-    Measured on la1000 (224x224 PNG): 2.4 ms per image on one core of this 2-core CPU."""
-    def one(i: int) -> str:
-        try:
-            pixels = np.ascontiguousarray(source.read_image(int(i)))
-        except ValueError as err:
-            raise ValueError(str(err) if "file" in str(err) else f"image {i} ({source.ids[int(i)]}): {err}") from None
-        h = hashlib.blake2b(digest_size=12)
-        h.update(f"{pixels.shape}{pixels.dtype}".encode())
-        h.update(pixels.tobytes())
-        return h.hexdigest()
-
-    workers = workers or min(8, os.cpu_count() or 1)
-    if workers == 1 or len(indices) < 2:
-        return [one(i) for i in indices]
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(one, indices))
+def run_checksums(out: str | os.PathLike) -> bool:
+    """Whether the run in ``out`` records content checksums (then every batch file must hold one)."""
+    run = read_run(out)
+    return bool(run and run.get("checksums"))
 
 
 def check_protocol(out: str | os.PathLike, protocol: str, definition: dict) -> str:
@@ -263,7 +208,8 @@ def run_batches(run: dict, digest_: str | None = None) -> list[BatchSpec]:
     count = int(images["count"])
     hashes = images.get("hashes")
     return [BatchSpec(b, images["indices"][b * size:(b + 1) * size], images["ids"][b * size:(b + 1) * size],
-                      None if hashes is None else hashes[b * size:(b + 1) * size], digest_ or digest(run))
+                      None if hashes is None else hashes[b * size:(b + 1) * size],
+                      digest_ or digest(_identity_of(run)), checksums=bool(run.get("checksums")))
             for b in range(-(-count // size))]
 
 
@@ -297,7 +243,8 @@ def load_records(out: str | os.PathLike, variant: str, protocol: str | None = No
             continue
         with np.load(path, allow_pickle=False) as stored:
             _check_indices(path, stored, spec)
-            record = {k: stored[k] for k in stored.files if k != "run" and (attributions or k != "attribution")}
+            record = {k: stored[k] for k in stored.files
+                      if k not in ("run", CHECKSUM) and (attributions or k != "attribution")}
         if protocol:
             path = scores_path(out, protocol, variant, spec.number)
             if not path.exists():
@@ -313,11 +260,12 @@ def load_records(out: str | os.PathLike, variant: str, protocol: str | None = No
 
 # ----------------------------------------------------------------------------- checking batch files
 class BatchSpec:
-    """What one batch file must hold: its images (dataset indices, ids, content hashes) and run."""
+    """What one batch file must hold: its images (dataset indices, ids, content hashes) and run;
+    ``checksums``: whether it must hold a content checksum (False only for runs begun before them)."""
 
     def __init__(self, number: int, indices: Sequence[int], ids: Sequence[str], hashes: Sequence[str] | None,
-                 run: str):
-        self.number, self.run = number, run
+                 run: str, *, checksums: bool = True):
+        self.number, self.run, self.checksums = number, run, checksums
         self.indices = np.asarray(indices, np.int64)
         self.ids = [str(i) for i in ids]
         self.hashes = None if hashes is None else [str(h) for h in hashes]
@@ -326,29 +274,23 @@ class BatchSpec:
         return len(self.indices)
 
 
-def _array_header(archive: zipfile.ZipFile, key: str) -> tuple[tuple[int, ...], np.dtype]:
-    """Shape and dtype of one array of an ``.npz`` without reading its data."""
-    with archive.open(f"{key}.npy") as f:
-        version = np.lib.format.read_magic(f)
-        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, _, dtype = read(f)
-    return tuple(shape), np.dtype(dtype)
-
-
 def _check_common(path: pathlib.Path, spec: BatchSpec, keys: Sequence[str], big: Sequence[str]
                   ) -> tuple[str | None, dict, dict]:
-    """Reads every array except ``big`` (headers only); returns (problem, arrays, headers of big)."""
+    """Reads every array in full and checks the file's checksum; returns (problem, arrays except ``big``,
+    shapes and dtypes of ``big``)."""
     try:
         with zipfile.ZipFile(path) as archive:
             names = {n[:-4] for n in archive.namelist() if n.endswith(".npy")}
-            missing = [k for k in keys if k not in names]
-            if missing:
-                return f"lacks {', '.join(missing)}", {}, {}
-            headers = {k: _array_header(archive, k) for k in big if k in names}
-        with np.load(path, allow_pickle=False) as stored:
-            arrays = {k: stored[k] for k in names if k not in big}
+        missing = [k for k in keys if k not in names]
+        if missing:
+            return f"lacks {', '.join(missing)}", {}, {}
+        problem, arrays, headers, checksummed = read_verified(path, names, big)
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zipfile.LargeZipFile) as err:
         return f"unreadable ({type(err).__name__}: {err})", {}, {}
+    if problem:
+        return problem, {}, {}
+    if spec.checksums and not checksummed:
+        return "has no content checksum (the run records one in every batch file)", {}, {}
     if not np.array_equal(arrays["index"].reshape(-1), spec.indices) or arrays["id"].reshape(-1).tolist() != spec.ids:
         return (f"holds images {_few([str(i) for i in arrays['id'].reshape(-1).tolist()])}, batch {spec.number} "
                 f"is {_few(spec.ids)}"), arrays, headers
@@ -396,7 +338,8 @@ def check_scores_file(path: pathlib.Path, spec: BatchSpec, *, protocol: str, cur
 
 def quarantine(out: str | os.PathLike, path: str | os.PathLike, reason: str) -> pathlib.Path:
     """Moves ``path`` (inside ``out``) to ``out/quarantine/<same relative path>`` (``.1``, ``.2``...
-    when that name is taken), logs why to ``out/quarantine/log.txt``; never deletes anything."""
+    when that name is taken), logs why to ``out/quarantine/log.txt``; never deletes anything (across file
+    systems the file is copied, flushed to disk, then unlinked: :func:`la_iprop.runs.files.move_file`)."""
     out, path = pathlib.Path(out), pathlib.Path(path)
     relative = path.relative_to(out)
     target = out / "quarantine" / relative
@@ -405,7 +348,7 @@ def quarantine(out: str | os.PathLike, path: str | os.PathLike, reason: str) -> 
         k += 1
         target = out / "quarantine" / relative.with_name(f"{relative.name}.{k}")
     target.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(path, target)
+    move_file(path, target)
     stamp = datetime.datetime.now().isoformat(timespec="seconds")
     with open(out / "quarantine" / "log.txt", "a") as f:
         f.write(f"{stamp} {relative} -> {target.relative_to(out)}: {reason}\n")
@@ -437,6 +380,8 @@ def scan(out: str | os.PathLike, directory: str | os.PathLike, check: Callable[[
                 reason = "an unfinished write (the run was stopped while writing it)"
                 quarantine(out, path, reason)
                 moved.append((str(path.relative_to(out)), reason))
+            continue
+        if path.name in KEPT_NAMES:
             continue
         match = BATCH_NAME.fullmatch(path.name)
         number = int(match.group(1)) if match else None

@@ -10,6 +10,16 @@ The specification (a JSON object, ``python -m experiments.sweep --config=sweep.j
 Each cell is a resumable run in ``<out>/<cell>``; every cell passes every check of a run before
 any cell runs. The combined table, a row per cell, protocol and method, is ``<out>/sweep.md``
 and ``sweep.csv``. ``"protocol"`` (one name or a list) is accepted for ``"protocols"``.
+
+The specification is checked as a whole before anything runs (:func:`cells`): a JSON object of known
+keys; ``methods`` (and ``models``) non-empty lists of distinct names; ``grid`` an object of methods
+listed in ``methods``, each an object of hyperparameter names to non-empty lists of distinct values
+(an empty axis would run nothing and still write a table; a grid for a method not run would be ignored).
+Cell folder names are made file-name safe and shortened (:func:`la_iprop.runs.outdir.file_name`).
+
+The sweep's folder follows the rule of a run's (:mod:`la_iprop.runs.outdir`) with its own marker:
+``<out>`` must be absent, empty, or hold ``sweep.json`` (written before the first cell runs, with the
+specification), so a sweep never writes its tables into a folder that holds something else.
 """
 
 from __future__ import annotations
@@ -25,19 +35,57 @@ from la_iprop.models import load_model
 from la_iprop.runs import multihost
 from la_iprop.runs.config import RunConfig, method_variants, validate
 from la_iprop.runs.engine import run
+from la_iprop.runs.outdir import SWEEP_MARKER, check_out, file_name
 from la_iprop.runs.prepare import prepare
 from la_iprop.runs.report import summarize_variant
-from la_iprop.runs.store import ConfigError, atomic_write, load_records
+from la_iprop.runs.store import ConfigError, atomic_write, load_records, write_json
 
 __all__ = ["cells", "run_sweep"]
 
 
 _RUN_KEYS = ("data", "tfds_data_dir", "num_images", "start", "stride", "batch_size", "seed", "protocols", "iprop",
              "settings", "iprop_hparams", "weights", "devices", "save_attributions", "precision")
+MARKER_KIND = "la_iprop sweep"
+
+
+def _names(spec: dict, key: str) -> list[str]:
+    value = spec[key]
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"--config: '{key}' must be a non-empty list of names, got {json.dumps(value)[:80]}")
+    if len(set(value)) != len(value):
+        raise ConfigError(f"--config: '{key}' lists {sorted({v for v in value if value.count(v) > 1})} more than once")
+    return value
+
+
+def _grid(spec: dict, methods: list[str]) -> dict[str, dict[str, list]]:
+    grid = spec.get("grid", {})
+    if not isinstance(grid, dict):
+        raise ConfigError(f"--config: 'grid' must be an object {{method: {{name: [values]}}}}, got "
+                          f"{type(grid).__name__}")
+    for method, axes in grid.items():
+        if method not in methods:
+            raise ConfigError(f"--config: grid.{method}: {method} is not among 'methods' ({', '.join(methods)}); "
+                              "its grid would never run")
+        if not isinstance(axes, dict):
+            raise ConfigError(f"--config: grid.{method} must be an object {{name: [values]}}, got "
+                              f"{type(axes).__name__}")
+        for name, values in axes.items():
+            if not isinstance(values, list):
+                raise ConfigError(f"--config: grid.{method}.{name} must be a list of values, e.g. "
+                                  f"[{json.dumps(values)}]")
+            if not values:
+                raise ConfigError(f"--config: grid.{method}.{name} is empty: the sweep would run no cell of {method}")
+            texts = [json.dumps(v, sort_keys=True) for v in values]
+            if len(set(texts)) != len(texts):
+                raise ConfigError(f"--config: grid.{method}.{name} lists a value more than once")
+    return grid
 
 
 def cells(spec: dict) -> list[tuple[str, dict]]:
-    """``(cell name, RunConfig kwargs)`` for every point of the grid."""
+    """``(cell name, RunConfig kwargs)`` for every point of the grid; a specification of the wrong shape
+    is a ConfigError naming the key (the run settings' types are checked per cell by ``validate``)."""
+    if not isinstance(spec, dict):
+        raise ConfigError(f"--config: a sweep specification is a JSON object, got {type(spec).__name__}")
     unknown = set(spec) - {"methods", "models", "grid", "protocol", *_RUN_KEYS}
     if unknown:
         raise ConfigError(f"--config: unknown keys {sorted(unknown)}")
@@ -48,27 +96,51 @@ def cells(spec: dict) -> list[tuple[str, dict]]:
     if isinstance(spec.get("protocols"), str):
         spec = {**spec, "protocols": [spec["protocols"]]}
     if "protocols" in spec:
+        if not isinstance(spec["protocols"], list):
+            raise ConfigError(f"--config: 'protocols' must be a name or a list of names, got {spec['protocols']!r}")
         spec = {**spec, "protocols": tuple(spec["protocols"])}
-    if not spec.get("methods"):
+    if "methods" not in spec:
         raise ConfigError("--config: 'methods' must list at least one method")
-    grid = spec.get("grid", {})
+    methods = _names(spec, "methods")
+    models = _names(spec, "models") if "models" in spec else ["efficientnet_lite0"]
+    grid = _grid(spec, methods)
     base = {k: spec[k] for k in _RUN_KEYS if k in spec}
-    out = []
-    for model in spec.get("models", ["efficientnet_lite0"]):
-        for method in spec["methods"]:
+    out, folders = [], {}
+    for model in models:
+        for method in methods:
             axes = grid.get(method, {})
             names = sorted(axes)
-            for values in itertools.product(*(axes[n] if isinstance(axes[n], list) else [axes[n]] for n in names)):
+            for values in itertools.product(*(axes[n] for n in names)):
                 hparams = dict(zip(names, values, strict=True))
                 label = "_".join(f"{n}{v}" for n, v in hparams.items())
-                cell = "_".join(filter(None, [model, method, label]))
-                out.append((cell, dict(base, methods=(method,), model=model, hparams={method: hparams} if hparams else {})))
+                cell = file_name("_".join(filter(None, [model, method, label])))
+                if cell in folders:
+                    raise ConfigError(f"--config: the cells {folders[cell]} and {hparams} of {model} {method} would "
+                                      f"share the folder {cell}")
+                folders[cell] = hparams
+                out.append((cell, dict(base, methods=(method,), model=model,
+                                       hparams={method: hparams} if hparams else {})))
     return out
+
+
+def _check_sweep_out(out: pathlib.Path, spec: dict) -> None:
+    """The sweep's folder: absent, empty, or a sweep's (its ``sweep.json``), never another folder."""
+    check_out(out, marker=SWEEP_MARKER, what="sweep", data=spec.get("data") if isinstance(spec, dict) else None,
+              tfds_data_dir=spec.get("tfds_data_dir") if isinstance(spec, dict) else None)
+    marker = out / SWEEP_MARKER
+    if marker.exists():
+        try:
+            kind = json.loads(marker.read_text()).get("kind")
+        except (OSError, ValueError, AttributeError):
+            kind = None
+        if kind != MARKER_KIND:
+            raise ConfigError(f"--out: {marker} is not the marker of a sweep; use another --out")
 
 
 def run_sweep(spec: dict, out: str | pathlib.Path, *, progress: bool = True) -> list[dict]:
     out = pathlib.Path(out)
     grid = cells(spec)
+    _check_sweep_out(out, spec)
     configs = [(name, RunConfig(out=str(out / name), **kwargs)) for name, kwargs in grid]
     models: dict[tuple, object] = {}  # one classifier per (model, weights), shared by its cells
     for name, config in configs:  # every cell passes every check of a run before any cell runs
@@ -83,6 +155,8 @@ def run_sweep(spec: dict, out: str | pathlib.Path, *, progress: bool = True) -> 
             prepare(config, model=models[key])
         except ConfigError as err:
             raise ConfigError(f"cell {name}: {err}") from None
+    if multihost.is_process_zero():  # every cell passed: the folder is the sweep's from now on
+        write_json(out / SWEEP_MARKER, {"kind": MARKER_KIND, "spec": spec})
     rows = []
     for name, config in configs:
         logging.getLogger("la_iprop").info("sweep cell %s", name)
@@ -102,9 +176,11 @@ def run_sweep(spec: dict, out: str | pathlib.Path, *, progress: bool = True) -> 
     writer.writeheader()
     writer.writerows(rows)
     atomic_write(out / "sweep.csv", lambda f: f.write(buffer.getvalue()))
-    lines = ["| cell | model | protocol | method | hparams | images | insertion ↑ | deletion ↓ | ins − del ↑ | dir ↓ |",
+    lines = ["| cell | model | protocol | method | hparams | images | insertion ↑ | deletion ↓ | ins − del ↑ "
+             "| dir ↓ |",
              "|---|---|---|---|---|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['cell']} | {r['model']} | {r['protocol']} | {r['method']} | `{r['hparams']}` | {r['num_images']} | "
+    lines += [f"| {r['cell']} | {r['model']} | {r['protocol']} | {r['method']} | `{r['hparams']}` | "
+              f"{r['num_images']} | "
               f"{r['insertion']:.4f} | {r['deletion']:.4f} | {r['ins_minus_del']:.4f} | {r['dir']:.4f} |" for r in rows]
     atomic_write(out / "sweep.md", lambda f: f.write("\n".join(lines) + "\n"))
     return rows
