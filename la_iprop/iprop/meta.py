@@ -4,6 +4,12 @@
 attribution into a per-pixel reward and returns the fixed point ``V`` of the Markov Reward
 Process (``[B, H, W]``). ``with_iprop(method, **hp)`` returns a method with the standard
 calling convention whose attributions are ``V`` broadcast to the image's channels.
+``check_iprop_settings(image_shape, **hp)`` raises every error of the settings that ``iprop``
+would raise for that image size, without running anything (for run engines: before the first write).
+
+Hyperparameters ``hp``: the fields of :class:`~la_iprop.iprop.defaults.IPropConfig` as keywords,
+``preset=`` a name in :data:`~la_iprop.iprop.defaults.PRESETS` (the keywords override it), or
+``config=`` an ``IPropConfig`` (not both ``preset`` and ``config``).
 """
 
 from __future__ import annotations
@@ -17,13 +23,13 @@ import numpy as np
 from jax import lax
 
 from la_iprop.checks import check_finite, check_images, check_int_at_least
-from la_iprop.iprop.defaults import IPropConfig
-from la_iprop.iprop.graph import check_bandwidths, knn_graph
+from la_iprop.iprop.defaults import IPropConfig, resolve_config, uses_window
+from la_iprop.iprop.graph import check_graph_settings, pixel_graph
 from la_iprop.iprop.propagate import propagate, reward_from_attribution
-from la_iprop.precision import float_dtype, with_precision
+from la_iprop.precision import float_dtype, resolve_precision, with_precision
 
-__all__ = ["iprop", "iprop_single", "with_iprop", "iprop_name", "parse_iprop_name", "default_chunk_size",
-           "IPROP_SUFFIX"]
+__all__ = ["iprop", "iprop_single", "with_iprop", "check_iprop_settings", "iprop_name", "parse_iprop_name",
+           "default_chunk_size", "IPROP_SUFFIX"]
 
 IPROP_SUFFIX = "+iprop"
 
@@ -44,11 +50,11 @@ def iprop_single(image: jax.Array, attribution: jax.Array, config: IPropConfig) 
     reward = reward_from_attribution(attribution * inverse, config.reward)
     if config.gamma == 0.0:  # the control: channel aggregation only, no graph needed
         return reward * scale, jnp.ones((), jnp.int32)
-    graph = knn_graph(image, k=config.k, radius=config.radius, sigma_s=config.sigma_s, sigma_c=config.sigma_c,
-                      color_space=config.color_space)
-    # radius: P V by shifted copies (window_matvec), the faster of the two equal forms on CPU.
+    graph = pixel_graph(image, config)
+    # radius: P V by shifted copies (window_matvec), the faster of the two equal forms on CPU; it needs every
+    # edge inside the clamped window (knn, random_window). random_image: segment_sum over the edge list.
     values, iterations = propagate(graph, reward, gamma=config.gamma, tol=config.tol, max_iter=config.max_iter,
-                                   radius=config.radius)
+                                   radius=config.radius if uses_window(config.graph) else None)
     return values * scale, iterations
 
 
@@ -93,7 +99,8 @@ def _check_attributions(attributions: Any, images: jax.Array) -> jax.Array:
     if not hasattr(attributions, "shape"):
         raise TypeError(f"attributions must be an array, got {type(attributions).__name__}")
     given = attributions
-    attributions = jnp.asarray(attributions)
+    with np.errstate(over="ignore"):   # values beyond the working float become inf: refused below, by name
+        attributions = jnp.asarray(attributions)
     if attributions.shape == images.shape[:3]:  # already one score per pixel
         attributions = attributions[..., None]
     if attributions.shape not in (images.shape, images.shape[:3] + (1,)):
@@ -120,13 +127,53 @@ def _check_values(values: jax.Array, attributions: jax.Array, config: IPropConfi
     gain = attributions.shape[-1] / (1.0 - config.gamma)   # |r| <= C max|a| for every rule, |V| <= max|r| / (1 - gamma)
     dtype = values.dtype
     if peak * gain > float(jnp.finfo(dtype).max) / 2:
-        cause = (f"attribution magnitudes up to {peak:.3g} give values up to ~{peak * gain:.3g} "
-                 f"(channels x max|a| / (1 - gamma)), beyond {dtype}; IProp is linear in the attributions: "
-                 "rescale them, or pass precision='float64'")
-    else:
-        cause = (f"check sigma_s={config.sigma_s:g} and sigma_c={config.sigma_c:g} (too small a bandwidth "
-                 "makes every pixel-graph weight underflow) and gamma")
-    raise ValueError(f"IProp values are NaN or infinite for images {rows[:5].tolist()}: {cause}")
+        remedy = "rescale them, or pass precision='float64'" if dtype == jnp.float32 else "rescale them"
+        raise ValueError(f"attributions too large for IProp in {dtype}: IProp values are NaN or infinite for images "
+                         f"{rows[:5].tolist()}: attribution magnitudes up to {peak:.3g} give values up to "
+                         f"~{peak * gain:.3g} (channels x max|a| / (1 - gamma)); IProp is linear in the attributions: "
+                         f"{remedy}")
+    raise ValueError(f"IProp values are NaN or infinite for images {rows[:5].tolist()}: check "
+                     f"sigma_s={config.sigma_s:g} and sigma_c={config.sigma_c:g} (too small a bandwidth makes every "
+                     "pixel-graph weight underflow) and gamma")
+
+
+def _image_size(image_shape: Any) -> tuple[int, int]:
+    """``(height, width)`` of ``(H, W)``, ``(H, W, 3)`` or ``(B, H, W, 3)``."""
+    expected = "(height, width), (height, width, 3) or (batch, height, width, 3)"
+    try:
+        shape = tuple(image_shape)
+    except TypeError:
+        raise TypeError(f"image_shape must be a tuple {expected}, got {image_shape!r}") from None
+    if not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 1 for d in shape) \
+            or len(shape) not in (2, 3, 4) or (len(shape) > 2 and shape[-1] != 3):
+        raise ValueError(f"image_shape must be {expected} of positive integers, got {image_shape!r}")
+    height, width = shape[:2] if len(shape) < 4 else shape[1:3]
+    return int(height), int(width)
+
+
+def _check_settings(config: IPropConfig, height: int, width: int, dtype) -> None:
+    """The settings against the image size and float type (gamma = 0 builds no graph: nothing to check)."""
+    if config.gamma > 0.0:
+        check_graph_settings(config, height, width, dtype)
+
+
+def check_iprop_settings(image_shape: Any, *, precision: str | None = None, **hparams: Any) -> IPropConfig:
+    """Raises every error about the settings that :func:`iprop` would raise for images of ``image_shape``,
+    and returns the resolved :class:`~la_iprop.iprop.defaults.IPropConfig`; computes nothing.
+
+    ``image_shape``: ``(H, W)``, ``(H, W, 3)`` or ``(B, H, W, 3)``. ``hparams``: as for :func:`iprop`
+    (keywords, ``preset=``, ``config=``). ``precision``: ``"float32"`` (default) or ``"float64"`` (the
+    bandwidth limits depend on it). Checked: every hyperparameter's value (``TypeError`` for an unknown
+    name), an unknown preset, and for ``gamma > 0`` the image size (``H, W >= 2R+1`` for the window graphs;
+    ``K <= H*W - 1`` for ``random_image``) and bandwidths small enough to overflow ``d^2``. The same
+    functions run inside :func:`iprop`, so the two agree; what only the data can show (non-finite or
+    too large attributions, images outside [0, 1]) is left to :func:`iprop`.
+    """
+    config = resolve_config(**hparams)
+    height, width = _image_size(image_shape)
+    dtype = np.float64 if resolve_precision(precision) == "float64" else np.float32
+    _check_settings(config, height, width, dtype)
+    return config
 
 
 @with_precision
@@ -141,38 +188,26 @@ def iprop(images: Any, attributions: Any, *, return_iterations: bool = False, ch
     Attributions and values must be finite (NaN/Inf are refused with the likely cause).
     Hyperparameters (keyword, static; defaults in :mod:`la_iprop.iprop.defaults`): ``k``,
     ``radius``, ``sigma_s``, ``sigma_c``, ``color_space``, ``gamma``, ``reward``, ``tol``,
-    ``max_iter``; or pass ``config=IPropConfig(...)``. Per image: reward
-    ``r = reward_rule(attribution)``, graph ``P`` of the image, ``V = r + gamma P V``.
+    ``max_iter`` and the structure controls ``graph``, ``graph_seed``, ``similarity``, ``edge_weights``;
+    ``preset=`` a named setting (the keywords override it), or ``config=IPropConfig(...)``. Settings that
+    cannot work for the images' size are refused before anything runs (:func:`check_iprop_settings`, the
+    same checks). Per image: reward ``r = reward_rule(attribution)``, graph ``P`` of the image
+    (:func:`~la_iprop.iprop.graph.pixel_graph`), ``V = r + gamma P V``.
     The per-image kernel is vmapped over chunks of ``chunk_size`` images (None:
     :func:`default_chunk_size`), so each image's result is independent of the others.
     ``precision``: "float32" (default) or "float64" (x64 scoped to the call, see
     :mod:`la_iprop.precision`).
     """
-    config = _config(hparams)
+    config = resolve_config(**hparams)
     images = check_images(images)
     attributions = _check_attributions(attributions, images)
-    if config.gamma > 0.0:
-        # Validates the image size against the window before tracing.
-        min_size = 2 * config.radius + 1
-        if images.shape[1] < min_size or images.shape[2] < min_size:
-            raise ValueError(f"images must be at least 2*radius+1 = {min_size} pixels in height and width for "
-                             f"radius={config.radius}, got {images.shape[1]}x{images.shape[2]}")
-        check_bandwidths(config.radius, config.sigma_s, config.sigma_c, config.color_space, images.dtype)
+    _check_settings(config, images.shape[1], images.shape[2], images.dtype)   # before tracing
     if chunk_size is None:
         chunk_size = default_chunk_size()
     check_int_at_least("chunk_size", chunk_size, 1)
     values, iterations = _iprop_batch(images, attributions, config, min(chunk_size, images.shape[0]))
     _check_values(values, attributions, config)
     return (values, iterations) if return_iterations else values
-
-
-def _config(hparams: dict[str, Any]) -> IPropConfig:
-    config = hparams.pop("config", None)
-    if config is None:
-        return IPropConfig().replace(**hparams)
-    if not isinstance(config, IPropConfig):
-        raise TypeError(f"config must be an IPropConfig, got {type(config).__name__}")
-    return config.replace(**hparams) if hparams else config
 
 
 def iprop_name(method_name: str) -> str:
@@ -193,10 +228,12 @@ def with_iprop(method: Callable | str, **iprop_hparams: Any) -> Callable:
     The result follows the standard convention
     ``wrapped(logit_fn, images, labels, *, key, **hparams) -> attributions`` (``hparams`` go to
     ``method``), returning ``V`` broadcast to the image channels so that
-    ``attributions.shape == images.shape``; ``precision`` applies to both. ``iprop_hparams`` (or ``config=``) fix IProp's
-    settings; the wrapper exposes them as ``wrapped.iprop_config``.
+    ``attributions.shape == images.shape``; ``precision`` applies to both. ``iprop_hparams`` (keywords,
+    ``preset=`` or ``config=``, as for :func:`iprop`) fix IProp's settings; the wrapper exposes them as
+    ``wrapped.iprop_config``. Errors of the IProp step (e.g. maps too large for IProp) are one line
+    prefixed with the wrapper's name.
     """
-    config = _config(dict(iprop_hparams))
+    config = resolve_config(**iprop_hparams)
     if isinstance(method, str):
         from la_iprop.attribution import get_method  # the registry lives above this package
         base_name, method = method, get_method(method).fn
@@ -209,7 +246,10 @@ def with_iprop(method: Callable | str, **iprop_hparams: Any) -> Callable:
     def wrapped(logit_fn, images, labels=None, *, key=None, **hparams):
         images = check_images(images)
         attributions = method(logit_fn, images, labels, key=key, **hparams)  # inherits the precision
-        values = iprop(images, attributions, config=config)
+        try:
+            values = iprop(images, attributions, config=config)
+        except (TypeError, ValueError) as err:   # one line that names the wrapped method
+            raise (ValueError if isinstance(err, ValueError) else TypeError)(f"{wrapped.__name__}: {err}") from None
         return jnp.broadcast_to(values[..., None], images.shape)
 
     wrapped.__name__ = iprop_name(base_name)

@@ -7,8 +7,8 @@ are non-negative and sum to 1), so the iteration
 
     V_0 = r,    V_{t+1} = r + gamma * P V_t
 
-(``P V`` by ``segment_sum`` over the edges, or for KNN pixel graphs by shifted copies of
-``V``, see :func:`window_matvec`)
+(``P V`` by ``segment_sum`` over the edges, or for window graphs (knn, random_window) by shifted
+copies of ``V``, see :func:`window_matvec`)
 converges to the unique fixed point ``(I - gamma P)^{-1} r``. Because
 ``V_t - V_{t-1} = gamma^t P^t r``, the stopping rule ``max|V_t - V_{t-1}| <= tol * max|r|``
 is met after at most ``ceil(log(tol) / log(gamma))`` iterations, and then
@@ -66,7 +66,8 @@ def transition_matvec(graph: PixelGraph, value: jax.Array) -> jax.Array:
 
 
 def window_matvec(graph: PixelGraph, height: int, width: int, radius: int):
-    """The same ``P V`` for a :func:`~la_iprop.iprop.graph.knn_graph` graph, by shifted copies.
+    """The same ``P V`` for a window graph (every edge in its node's clamped ``(2R+1)^2`` window: knn or
+    random_window), by shifted copies.
 
     Interior pixels (at least ``R`` from the border) have their window centred, so their edge
     to window slot ``(a, b)`` is the pixel offset ``(a - R, b - R)``: ``P`` restricted to them
@@ -141,8 +142,9 @@ def propagate(graph: PixelGraph, reward: jax.Array, *, gamma: float = DEFAULT_GA
     updates; ``iterations`` is the number of updates applied (``gamma = 0`` gives ``V = r``
     after one). Traceable and vmappable (inside ``vmap`` each image keeps its own count).
 
-    ``P V`` is a ``segment_sum`` over the edges; with ``radius`` (the graph comes from
-    :func:`~la_iprop.iprop.graph.knn_graph` with that radius and ``reward`` is ``[H, W]``) it
+    ``P V`` is a ``segment_sum`` over the edges; with ``radius`` (every edge lies in its node's clamped
+    window of that radius, as in :func:`~la_iprop.iprop.graph.knn_graph` and ``random_window`` graphs, and
+    ``reward`` is ``[H, W]``) it
     is computed by :func:`window_matvec` instead: the same sums, in another order (equal to
     float rounding), faster on CPU because interior pixels use slices, not gathers.
     """
@@ -163,7 +165,8 @@ def propagate(graph: PixelGraph, reward: jax.Array, *, gamma: float = DEFAULT_GA
         window = (int(reward.shape[0]), int(reward.shape[1]), int(radius))
         if not isinstance(graph.receivers, jax.core.Tracer):
             _check_window(graph, *window)
-    return _fixed_point(graph, reward, jnp.asarray(gamma, reward.dtype), tol=float(tol), max_iter=int(max_iter), window=window)
+    return _fixed_point(graph, reward, jnp.asarray(gamma, reward.dtype), tol=float(tol), max_iter=int(max_iter),
+                        window=window)
 
 
 def _check_window(graph: PixelGraph, height: int, width: int, radius: int) -> None:
@@ -171,7 +174,8 @@ def _check_window(graph: PixelGraph, height: int, width: int, radius: int) -> No
     senders, receivers = np.asarray(graph.senders), np.asarray(graph.receivers)
     if senders.shape[0] % (height * width) or not np.array_equal(
             senders, np.repeat(np.arange(height * width), senders.shape[0] // (height * width))):
-        raise ValueError("radius= needs a graph from knn_graph (edges grouped by node, the same count per node)")
+        raise ValueError("radius= needs a window graph from knn_graph or random_graph (edges grouped by node, the "
+                         "same count per node)")
     sy, sx, ry, rx = senders // width, senders % width, receivers // width, receivers % width
     start_y = np.clip(sy - radius, 0, height - 2 * radius - 1)
     start_x = np.clip(sx - radius, 0, width - 2 * radius - 1)

@@ -30,7 +30,10 @@ SEARCHES = ("full", "coordinate")
 
 
 def valid(setting: dict[str, Any]) -> bool:
-    """A KNN graph needs k neighbours inside the (2 radius + 1)² window, the pixel itself excluded."""
+    """A window graph (knn, random_window) needs k neighbours inside the (2 radius + 1)² window, the pixel
+    itself excluded (random_image draws from the whole image: its bound depends on the image size)."""
+    if setting.get("graph", "knn") == "random_image":
+        return True
     return setting["k"] <= (2 * setting["radius"] + 1) ** 2 - 1
 
 
