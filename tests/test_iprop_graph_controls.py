@@ -292,13 +292,20 @@ def test_config_identity_is_json_and_tags_name_the_controls():
     settings = [dict(), dict(graph="random_window"), dict(graph="random_window", graph_seed=7),
                 dict(graph="random_image"), dict(graph="random_window", edge_weights="similarity"),
                 dict(edge_weights="uniform"), dict(similarity="spatial"), dict(similarity="color")]
+    controls = {"graph", "graph_seed", "similarity", "edge_weights"}
     tags = set()
     for hp in settings:
         config = IPropConfig(**hp)
-        record = json.loads(json.dumps(config.as_dict(), allow_nan=False))
-        assert IPropConfig(**record) == config and set(record) >= {"graph", "graph_seed", "similarity", "edge_weights"}
+        for full in (False, True):
+            record = json.loads(json.dumps(config.as_dict(full=full), allow_nan=False))
+            assert IPropConfig(**record) == config
+            # The controls are recorded whenever one is set (all four), and always with full=True.
+            assert set(record) >= controls if (hp or full) else not set(record) & controls
         tags.add(config.tag())
     assert len(tags) == len(settings)
+    # The paper's graph keeps the record it had before the controls existed (stored runs still resume).
+    assert set(default.as_dict()) == {"k", "radius", "sigma_s", "sigma_c", "color_space", "gamma", "reward", "tol",
+                                      "max_iter"}
     # Same computation, same tag: the seed of a knn graph and "auto" spelled out.
     assert IPropConfig(graph_seed=3).tag() == default.tag() == IPropConfig(edge_weights="similarity").tag()
     assert IPropConfig(graph="random_image", edge_weights="uniform").tag() == IPropConfig(graph="random_image").tag()
@@ -313,7 +320,7 @@ def test_config_identity_is_json_and_tags_name_the_controls():
 def test_presets():
     assert "la" in PRESETS
     assert IPropConfig.from_preset("la") == IPropConfig() == resolve_config(preset="la")
-    fields = set(IPropConfig().as_dict())
+    fields = set(IPropConfig().as_dict(full=True))
     for name, hparams in PRESETS.items():
         assert set(hparams) <= fields, name
         IPropConfig.from_preset(name)                      # every preset is a valid setting

@@ -76,6 +76,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 DEFAULT_PRESET = "la"       # the preset the defaults equal
 
+# The structure controls and their defaults (IPropConfig.as_dict leaves them out when all are at these).
+_STRUCTURE_DEFAULTS = {"graph": DEFAULT_GRAPH, "graph_seed": DEFAULT_GRAPH_SEED, "similarity": DEFAULT_SIMILARITY,
+                       "edge_weights": DEFAULT_EDGE_WEIGHTS}
 _SEED_LIMIT = 2 ** 64       # graph_seed: a 64-bit unsigned integer (two 32-bit words of the threefry key)
 
 
@@ -175,9 +178,20 @@ class IPropConfig:
                             f"expected some of {[f.name for f in dataclasses.fields(self)]}")
         return dataclasses.replace(self, **changes)
 
-    def as_dict(self) -> dict[str, Any]:
-        """Every hyperparameter (JSON-serialisable: strings, ints and finite floats)."""
-        return dataclasses.asdict(self)
+    def as_dict(self, *, full: bool = False) -> dict[str, Any]:
+        """The hyperparameters as a JSON-serialisable dict (strings, ints and finite floats), a run identity's
+        record: ``IPropConfig(**config.as_dict()) == config``.
+
+        The structure controls (``graph``, ``graph_seed``, ``similarity``, ``edge_weights``, added after runs
+        were first stored) appear only when one of them is not at its default, then all four, so records of
+        the paper's graph keep the form they had before the controls existed (a stored run still resumes).
+        ``full=True``: every field.
+        """
+        record = dataclasses.asdict(self)
+        if not full and all(record[name] == default for name, default in _STRUCTURE_DEFAULTS.items()):
+            for name in _STRUCTURE_DEFAULTS:
+                del record[name]
+        return record
 
     @property
     def effective_edge_weights(self) -> str:

@@ -82,7 +82,7 @@ def search(score_setting: Callable[[IPropConfig], dict[str, Any]], grid: dict[st
             score(setting)
         return results
 
-    defaults = IPropConfig().as_dict()
+    defaults = IPropConfig().as_dict(full=True)
     current = {axis: defaults[axis] if defaults[axis] in values else values[0] for axis, values in grid.items()}
     if not valid(current):
         current["k"] = min(grid["k"])
