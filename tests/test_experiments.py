@@ -16,10 +16,11 @@ import pytest
 from PIL import Image
 
 from la_iprop.iprop import IPropConfig
-from la_iprop.runs.config import RunConfig, parse_hparams, validate
+from la_iprop.runs.config import RunConfig, parse_hparams
 from la_iprop.runs.engine import check_identity, run
 from la_iprop.runs.report import CSV_COLUMNS, TIMING_COLUMNS
 from la_iprop.runs.store import ConfigError
+from la_iprop.runs.validation import validate
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Cheap but real: SM on 4 bundled sample photos with the embedded Lite0, protocol 'la'.

@@ -29,9 +29,10 @@ from la_iprop.iprop import iprop, knn_graph, to_dense, with_iprop
 from la_iprop.metrics import evaluate
 from la_iprop.models import ModelFn
 from la_iprop.precision import float_dtype, precision_scope
-from la_iprop.runs.config import RunConfig, validate
+from la_iprop.runs.config import RunConfig
 from la_iprop.runs.engine import check_identity
 from la_iprop.runs.store import ConfigError
+from la_iprop.runs.validation import validate
 
 KEY = jax.random.PRNGKey(0)
 NUM_CLASSES = 10

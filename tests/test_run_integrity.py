@@ -128,9 +128,10 @@ def test_old_format_run_folder_is_a_clear_error(tmp_path):
 def test_stride_selects_every_kth_image_with_keys_from_the_dataset_index(tmp_path):
     from la_iprop.attribution import get_method
     from la_iprop.data import open_source
-    from la_iprop.runs.config import image_keys, select_images, validate
+    from la_iprop.runs.config import image_keys, select_images
     from la_iprop.runs.engine import run
     from la_iprop.runs.store import load_records
+    from la_iprop.runs.validation import validate
 
     config = _config(tmp_path / "strided", methods=("sg",), start=1, stride=2, num_images=None, batch_size=2)
     source = validate(config)
@@ -240,9 +241,9 @@ def test_the_reference_set_is_loaded_only_for_methods_that_need_it(tmp_path):
 
 # ----------------------------------------------------------------------------- flags: checked before any file
 def test_a_refused_flag_writes_nothing_and_the_corrected_command_runs(tmp_path):
-    from la_iprop.runs.config import validate
     from la_iprop.runs.engine import run
     from la_iprop.runs.store import ConfigError
+    from la_iprop.runs.validation import validate
 
     out = tmp_path / "run"
     with pytest.raises(ConfigError, match=r"^--hparams: sg \(.*samples='3o'.*\): samples must be an integer >= 1, "

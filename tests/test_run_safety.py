@@ -183,13 +183,14 @@ def test_a_sweep_writes_only_into_its_own_folder(tmp_path):
     ({"big": {"return_baselines": 1}}, r"^--hparams: big.return_baselines=1: a run stores the maps only"),
 ])
 def test_hyperparameters_a_run_cannot_honour_are_refused(tmp_path, hparams, message):
-    from la_iprop.runs.config import validate
+    from la_iprop.runs.validation import validate
     with pytest.raises(ConfigError, match=message):
         validate(_config(tmp_path / "x", methods=tuple(hparams), hparams=hparams))
 
 
 def test_parsed_hparams_and_iprop_hparams_are_checked_too(tmp_path):
-    from la_iprop.runs.config import parse_hparams, validate
+    from la_iprop.runs.config import parse_hparams
+    from la_iprop.runs.validation import validate
 
     with pytest.raises(ConfigError, match=r"^--hparams: la.spatial_range=inf: must be a finite number$"):
         validate(_config(tmp_path, methods=("la",), hparams=parse_hparams("la.spatial_range=1e999", ("la",))))
@@ -217,13 +218,13 @@ def test_parsed_hparams_and_iprop_hparams_are_checked_too(tmp_path):
     (dict(data=None), r"^--data: must be a string, got None$"),
 ])
 def test_settings_of_the_wrong_type_or_range_are_one_line(tmp_path, overrides, message):
-    from la_iprop.runs.config import validate
+    from la_iprop.runs.validation import validate
     with pytest.raises(ConfigError, match=message):
         validate(_config(tmp_path / "x", **overrides))
 
 
 def test_the_largest_seed_is_accepted(tmp_path):
-    from la_iprop.runs.config import validate
+    from la_iprop.runs.validation import validate
     validate(_config(tmp_path / "x", seed=2 ** 32 - 1))
 
 

@@ -17,7 +17,8 @@ from la_iprop.iprop import IPropConfig
 from la_iprop.iprop.tuning import coarse_points
 from la_iprop.metrics import evaluate, get_protocol
 from la_iprop.runs import ConfigError, RunConfig
-from la_iprop.runs.config import base_method, method_variants, resolve_protocol, split_variant, validate
+from la_iprop.runs.config import base_method, method_variants, resolve_protocol, split_variant
+from la_iprop.runs.validation import validate
 from la_iprop.studies.iprop_tuning import criterion_score, grid_from, variant_label
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -49,6 +49,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from la_iprop.runs.map_layouts import LAYOUTS, MapArray, detect_layout, few, parse_layouts, shape_text
 from la_iprop.runs.store import ConfigError, read_run
 
 __all__ = ["ExternalMaps", "MapArray", "LAYOUTS", "RESERVED_KEYS", "open_maps", "parse_layouts", "detect_layout",
@@ -56,112 +57,11 @@ __all__ = ["ExternalMaps", "MapArray", "LAYOUTS", "RESERVED_KEYS", "open_maps", 
 
 log = logging.getLogger("la_iprop")
 
-LAYOUTS = ("nchw", "nhwc", "hw")
-LAYOUT_SHAPES = {"nchw": "[N,3,H,W]", "nhwc": "[N,H,W,3]", "hw": "[N,H,W], [N,1,H,W] or [N,H,W,1]"}
-EXPECTED = "[N,3,H,W] (nchw), [N,H,W,3] (nhwc), or one value per pixel: [N,H,W], [N,1,H,W], [N,H,W,1] (hw)"
 RESERVED_KEYS = ("ids", "labels")
 KEY_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 CHUNK_BYTES = 64 << 20  # the finiteness check reads a map array this much at a time
 
 
-def _few(names: Sequence[Any], limit: int = 3) -> str:
-    shown = ", ".join(repr(str(n)) for n in list(names)[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
-
-
-def _shape_text(shape: Sequence[int]) -> str:
-    return "[" + ",".join(str(int(s)) for s in shape) + "]"
-
-
-# ----------------------------------------------------------------------------- layouts
-def parse_layouts(items: Sequence[str]) -> dict[str, str]:
-    """``--layout`` values: ``LAYOUT`` (every key) or ``KEY=LAYOUT``; returns ``{key or "*": layout}``."""
-    layouts: dict[str, str] = {}
-    for item in filter(None, (str(i).strip() for i in items or ())):
-        key, _, layout = item.rpartition("=")
-        key = key.strip() or "*"
-        if layout not in LAYOUTS:
-            raise ConfigError(f"--layout: expected LAYOUT or KEY=LAYOUT with LAYOUT one of {', '.join(LAYOUTS)}, "
-                              f"got {item!r}")
-        if key in layouts:
-            raise ConfigError(f"--layout: {'every key' if key == '*' else key} given more than once")
-        layouts[key] = layout
-    return layouts
-
-
-def _fits(shape: tuple[int, ...]) -> list[str]:
-    """The layouts a map array's shape fits (one per reading: ``hw`` may fit twice)."""
-    if len(shape) == 3:
-        return ["hw"]
-    if len(shape) != 4:
-        return []
-    fits = []
-    if shape[1] == 3:
-        fits.append("nchw")
-    if shape[1] == 1:
-        fits.append("hw")
-    if shape[3] == 3:
-        fits.append("nhwc")
-    if shape[3] == 1 and "hw" not in fits:
-        fits.append("hw")
-    return fits
-
-
-def detect_layout(key: str, shape: Sequence[int], layout: str | None = None) -> str:
-    """The layout of map array ``key`` from its shape (``layout``: the one ``--layout`` names)."""
-    shape = tuple(int(s) for s in shape)
-    fits = _fits(shape)
-    if not fits:
-        raise ConfigError(f"--maps: {key} has shape {_shape_text(shape)}; expected {EXPECTED}")
-    if layout is not None:
-        if layout not in fits:
-            raise ConfigError(f"--layout: {key} has shape {_shape_text(shape)}, which is not {layout} "
-                              f"({LAYOUT_SHAPES[layout]})")
-        return layout
-    if len(fits) > 1:
-        raise ConfigError(f"--maps: {key} has shape {_shape_text(shape)}, which fits both "
-                          f"{' and '.join(f'{f} ({LAYOUT_SHAPES[f]})' for f in fits)}; name it with "
-                          f"--layout={key}={fits[0]} (or {'/'.join(fits[1:])})")
-    return fits[0]
-
-
-class MapArray:
-    """One map array of the file: its ``.npy`` header and layout (its data stay in the file)."""
-
-    def __init__(self, key: str, shape: tuple[int, ...], dtype: np.dtype, layout: str, offset: int):
-        self.key, self.shape, self.dtype, self.layout, self.offset = key, shape, dtype, layout, offset
-
-    @property
-    def per_pixel(self) -> bool:
-        return self.layout == "hw"
-
-    @property
-    def spatial(self) -> tuple[int, int]:
-        s = self.shape
-        if self.layout == "nchw" or (self.layout == "hw" and len(s) == 4 and s[1] == 1):
-            return s[2], s[3]
-        return s[1], s[2]
-
-    @property
-    def row_bytes(self) -> int:
-        return int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
-
-    def to_nhwc(self, rows: np.ndarray, dtype: Any) -> np.ndarray:
-        """``rows`` (``[n, *shape[1:]]`` as stored) as ``[n, H, W, 3]`` of ``dtype``."""
-        rows = rows.astype(dtype, copy=False)
-        if self.layout == "nchw":
-            return np.ascontiguousarray(rows.transpose(0, 2, 3, 1))
-        if self.layout == "nhwc":
-            return np.ascontiguousarray(rows)
-        values = rows.reshape(len(rows), *self.spatial)  # [n,H,W], [n,1,H,W] or [n,H,W,1]: one value per pixel
-        return np.ascontiguousarray(np.broadcast_to(values[..., None], values.shape + (3,)))
-
-    def describe(self) -> dict:
-        return {"shape": list(self.shape), "dtype": self.dtype.name, "layout": self.layout,
-                "per_pixel": self.per_pixel}
-
-
-# ----------------------------------------------------------------------------- the file
 def _header(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> tuple[tuple[int, ...], bool, np.dtype, int]:
     """``(shape, fortran_order, dtype, data offset)`` of one ``.npy`` member, from its header only."""
     with archive.open(info) as f:
@@ -248,7 +148,7 @@ class ExternalMaps:
             if array.spatial != (size, size):
                 h, w = array.spatial
                 raise ConfigError(f"--maps: {key} holds {h}x{w} maps ({array.layout}, shape "
-                                  f"{_shape_text(array.shape)}), {name} takes {size}x{size} images; make the maps "
+                                  f"{shape_text(array.shape)}), {name} takes {size}x{size} images; make the maps "
                                   f"on the images at the model's input size (maps are not resized)")
         self._read_ids(source)
         if self.has_labels:
@@ -286,7 +186,7 @@ class ExternalMaps:
         chars = dtype.itemsize // (4 if dtype.kind == "U" else 1)
         if chars > max(2 * longest, 64):  # (bounds what reading them allocates)
             raise ConfigError(f"--maps: ids are strings of up to {chars} characters, far longer than any id of the "
-                              f"data source (up to {longest} characters, e.g. {_few(source_ids[:2], 2)})")
+                              f"data source (up to {longest} characters, e.g. {few(source_ids[:2], 2)})")
         raw = self._read_small("ids", self._ids_header)
         ids = [x.decode("utf-8", "replace") if isinstance(x, bytes) else str(x) for x in raw.tolist()]
         seen, duplicated = set(), []
@@ -295,12 +195,12 @@ class ExternalMaps:
                 duplicated.append(i)
             seen.add(i)
         if duplicated:
-            raise ConfigError(f"--maps: ids holds {_few(duplicated)} more than once; one map per image")
+            raise ConfigError(f"--maps: ids holds {few(duplicated)} more than once; one map per image")
         known = set(source_ids)
         unknown = [i for i in ids if i not in known]
         if unknown:
-            raise ConfigError(f"--maps: {len(unknown)} id(s) are not images of the data source: {_few(unknown)}; "
-                              f"ids are its image ids (e.g. {_few(source_ids[:3])})")
+            raise ConfigError(f"--maps: {len(unknown)} id(s) are not images of the data source: {few(unknown)}; "
+                              f"ids are its image ids (e.g. {few(source_ids[:3])})")
         self.ids = ids
         self._rows = {i: r for r, i in enumerate(ids)}
         self._source_index = {i: n for n, i in enumerate(source_ids)}
@@ -398,7 +298,7 @@ def open_maps(path: str | os.PathLike, layouts: dict[str, str] | None = None) ->
             names = [i.filename for i in infos]
             strays = [n for n in names if not n.endswith(".npy")]
             if strays:
-                raise ConfigError(f"--maps: {path} holds {_few(strays)}, which are not arrays (an .npz holds .npy "
+                raise ConfigError(f"--maps: {path} holds {few(strays)}, which are not arrays (an .npz holds .npy "
                                   "members only)")
             if len(set(names)) != len(names):
                 raise ConfigError(f"--maps: {path} holds an array name twice")
@@ -414,7 +314,7 @@ def open_maps(path: str | os.PathLike, layouts: dict[str, str] | None = None) ->
                                       "(the file is read without pickle)")
                 data_bytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
                 if info.file_size != offset + data_bytes:
-                    raise ConfigError(f"--maps: {key}: its header says {_shape_text(shape)} {dtype.name} "
+                    raise ConfigError(f"--maps: {key}: its header says {shape_text(shape)} {dtype.name} "
                                       f"({data_bytes} bytes) but the member holds {info.file_size - offset} bytes "
                                       "(a damaged or forged file)")
                 if fortran and len(shape) > 1:
@@ -429,23 +329,23 @@ def open_maps(path: str | os.PathLike, layouts: dict[str, str] | None = None) ->
 
     if "ids" not in headers:
         raise ConfigError(f"--maps: {path} has no ids array (the image id of each map); it holds "
-                          f"{_few(sorted(headers))}")
+                          f"{few(sorted(headers))}")
     ids_shape, _, ids_dtype, _ = headers["ids"]
     if len(ids_shape) != 1 or ids_dtype.kind not in "US":
-        raise ConfigError(f"--maps: ids has shape {_shape_text(ids_shape)} and dtype {ids_dtype}; expected [N] strings")
+        raise ConfigError(f"--maps: ids has shape {shape_text(ids_shape)} and dtype {ids_dtype}; expected [N] strings")
     count = ids_shape[0]
     if count == 0:
         raise ConfigError("--maps: ids is empty")
     labels = headers.get("labels")
     if labels is not None and (labels[0] != (count,) or labels[2].kind not in "iu" or labels[2].itemsize > 8):
-        raise ConfigError(f"--maps: labels has shape {_shape_text(labels[0])} and dtype {labels[2]}; expected "
+        raise ConfigError(f"--maps: labels has shape {shape_text(labels[0])} and dtype {labels[2]}; expected "
                           f"[{count}] ints (the class each map explains), one per id")
     keys = [k for k in headers if k not in RESERVED_KEYS]
     if not keys:
         raise ConfigError(f"--maps: {path} holds no maps besides {', '.join(k for k in RESERVED_KEYS if k in headers)}")
     unknown = sorted(set(layouts) - set(keys) - {"*"})
     if unknown:
-        raise ConfigError(f"--layout: {_few(unknown)} not among the maps of {path} ({_few(keys)})")
+        raise ConfigError(f"--layout: {few(unknown)} not among the maps of {path} ({few(keys)})")
     arrays, folded = {}, {}
     for key in keys:
         if not KEY_PATTERN.fullmatch(key):
@@ -460,7 +360,7 @@ def open_maps(path: str | os.PathLike, layouts: dict[str, str] | None = None) ->
             raise ConfigError(f"--maps: {key} has dtype {dtype}; expected float16, float32 or float64 maps")
         layout = detect_layout(key, shape, layouts.get(key, layouts.get("*")))
         if shape[0] != count:
-            raise ConfigError(f"--maps: {key} holds {shape[0]} maps (shape {_shape_text(shape)}), ids holds {count} "
+            raise ConfigError(f"--maps: {key} holds {shape[0]} maps (shape {shape_text(shape)}), ids holds {count} "
                               "ids; one map per id, in the order of ids")
         arrays[key] = MapArray(key, shape, dtype, layout, offset)
     sha256 = _sha256(path)

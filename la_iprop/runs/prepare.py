@@ -1,6 +1,6 @@
 """Every check a run makes before it writes anything (:func:`prepare`).
 
-The flags (:func:`la_iprop.runs.config.validate`), the output folder (:mod:`la_iprop.runs.outdir`:
+The flags (:func:`la_iprop.runs.validation.validate`), the output folder (:mod:`la_iprop.runs.outdir`:
 empty or the run's own, not ``/``, home or inside the data), the model and its weights, the reference
 set of the methods that need one, each method's hyperparameters (probed with a stand-in classifier, see
 :func:`check_method_hparams`), the IProp settings against the image size, and every image of the run
@@ -32,8 +32,8 @@ from la_iprop.runs.config import (
     method_variants,
     resolve_hparams,
     select_images,
-    validate,
 )
+from la_iprop.runs.validation import validate
 
 try:  # the IProp settings against an image size, without running IProp (la_iprop.iprop >= its hardening)
     from la_iprop.iprop import check_iprop_settings

@@ -33,12 +33,13 @@ import pathlib
 
 from la_iprop.models import load_model
 from la_iprop.runs import multihost
-from la_iprop.runs.config import RunConfig, method_variants, validate
+from la_iprop.runs.config import RunConfig, method_variants
 from la_iprop.runs.engine import run
 from la_iprop.runs.outdir import SWEEP_MARKER, check_out, file_name
 from la_iprop.runs.prepare import prepare
 from la_iprop.runs.report import summarize_variant
 from la_iprop.runs.store import ConfigError, atomic_write, load_records, write_json
+from la_iprop.runs.validation import validate
 
 __all__ = ["cells", "run_sweep"]
 
