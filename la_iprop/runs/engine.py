@@ -31,7 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from la_iprop.iprop import IPROP_SUFFIX, IPropConfig, iprop
 from la_iprop.metrics import evaluate
 from la_iprop.models import predict
-from la_iprop.precision import cast_floats, precision_scope
+from la_iprop.precision import cast_floats, precision_dtype, precision_scope
 from la_iprop.runs import multihost, report, store
 from la_iprop.runs.config import (
     VARIANT_SEPARATOR,
@@ -106,7 +106,7 @@ def _scan_store(config: RunConfig, out: pathlib.Path, batches: list[store.BatchS
         moved += store.scan(
             out, out / "batches" / variant,
             lambda b, path, image_shape=image_shape: store.check_maps_file(path, specs[b], image_shape=image_shape,
-                                                                          dtype=config.precision),
+                                                                          dtype=precision_dtype(config.precision)),
             batches=len(batches), mine=lambda b: b % processes == process, strays=process == 0,
             unfinished=processes == 1)
         for p, proto in protocols.items():
@@ -145,7 +145,7 @@ def _check_iprop_variants(out: pathlib.Path, config: RunConfig) -> None:
         try:
             stored = json.loads(path.read_text())
         except (OSError, ValueError) as err:
-            raise ConfigError(f"iprop_variants: cannot read {path} ({err}); move it and batches/{variant} aside") from None
+            raise ConfigError(f"iprop_variants: cannot read {path} ({err}); move batches/{variant} aside") from None
         if stored != json.loads(json.dumps(settings, default=str)):
             changed = sorted(k for k in set(stored) | set(settings) if stored.get(k) != settings.get(k))
             raise ConfigError(f"iprop_variants: {variant} in {out} was computed with other IProp settings "
@@ -239,7 +239,8 @@ def run(config: RunConfig, *, progress: bool = True, model=None, reports: bool =
                           "predicted": np.asarray(predicted[:n], np.int64), "seconds": np.full(n, seconds),
                           "run": np.asarray(run_digest)}
                 if _keeps_maps(config, variant):
-                    record["attribution"] = np.asarray(maps[:n], config.precision)  # float64 keeps every bit
+                    # float64 keeps every bit
+                    record["attribution"] = np.asarray(maps[:n], precision_dtype(config.precision))
                 store.write_npz(maps_path(out, variant, b), record)
             missing = list(protocols)  # new maps: scores of older maps (if any) do not hold for them
         for p in missing:
@@ -311,7 +312,8 @@ def _compute_maps(config, model, out, variant, spec, images, sharder, shape_size
     started = time.perf_counter()
     if config.external is not None and variant in config.external.keys:  # made elsewhere: read from the file
         with precision_scope(config.precision):  # (a float64 run keeps float64 maps)
-            maps, _ = sharder.put(jnp.asarray(config.external.read(variant, spec.ids, config.precision)), shape_size)
+            supplied = config.external.read(variant, spec.ids, precision_dtype(config.precision))
+            maps, _ = sharder.put(jnp.asarray(supplied), shape_size)
         return maps, predicted, 0.0
     base_maps = _stored_base_maps(config, out, variant, spec.number)
     if base_maps is not None:

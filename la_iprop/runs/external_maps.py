@@ -49,6 +49,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from la_iprop.precision import precision_dtype
 from la_iprop.runs.map_layouts import LAYOUTS, MapArray, detect_layout, few, parse_layouts, shape_text
 from la_iprop.runs.store import ConfigError, read_run
 
@@ -155,7 +156,7 @@ class ExternalMaps:
             self._read_labels(int(getattr(model, "num_classes", 0)) or None)
         for key in self.keys:
             try:
-                self._check_values(key, np.dtype(precision))
+                self._check_values(key, precision_dtype(precision))
             except (OSError, EOFError, zipfile.BadZipFile) as err:  # e.g. a CRC mismatch: a damaged member
                 raise ConfigError(f"--maps: {key}: unreadable ({type(err).__name__}: {err})") from None
 

@@ -111,8 +111,8 @@ def _ci(ci, digits: int = 4) -> str:
 
 
 def _table(rows: list[dict]) -> list[str]:
-    lines = ["| variant | protocol | n | insertion ↑ | deletion ↓ | ins − del ↑ [95% CI] | Δ(ins − del) vs la [95% CI] "
-             "| verdict | Δ insertion | Δ deletion | s / image | passes / image |",
+    lines = ["| variant | protocol | n | insertion ↑ | deletion ↓ | ins − del ↑ [95% CI] "
+             "| Δ(ins − del) vs la [95% CI] | verdict | Δ insertion | Δ deletion | s / image | passes / image |",
              "|---|---|---:|---:|---:|---|---|---|---|---|---:|---:|"]
     for row in sorted(rows, key=lambda r: (r["protocol"], r["label"] != "default")):
         m, c = row["means"], row.get("vs_default")
@@ -229,7 +229,8 @@ def write_report(results_dir: pathlib.Path, name: str, questions: Mapping[str, S
     spread = seed_spread(results_dir / "reproduction" / reproduction) if reproduction else {}
     if spread:
         lines += ["LA's seed-to-seed spread at the default settings (mean ins − del of seeds "
-                  f"0–{len(next(iter(spread.values()))) - 1}, `results/reproduction/{reproduction}`, the same images): "
+                  f"0–{len(next(iter(spread.values()))) - 1}, `results/reproduction/{reproduction}`, "
+                  "the same images): "
                   + "; ".join(f"`{p}` {min(v):.4f}–{max(v):.4f} (range {max(v) - min(v):.4f})"
                               for p, v in sorted(spread.items()))
                   + ". A difference to the default smaller than this range is within what the target draws alone "
