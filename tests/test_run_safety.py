@@ -545,3 +545,24 @@ def test_os_error_line_names_both_paths_of_a_move():
     assert os_error_line(err) == "/a/batch.npz -> /b/quarantine/batch.npz: a move across file systems failed (EXDEV)"
     with contextlib.suppress(AttributeError):  # errno.EDQUOT is not on every platform
         assert os_error_line(OSError(errno.EDQUOT, "Disk quota exceeded", "/x")).endswith("(EDQUOT)")
+
+
+@pytest.mark.parametrize("where", ["clean", "perturbed"])
+def test_non_finite_numbers_end_the_run_with_one_line_naming_the_images(tmp_path, where):
+    """A classifier whose logits turn NaN (on every input, or only once pixels move: a gradient method's
+    path) stops the run with one line naming the variant and its images, not a traceback."""
+    import jax.numpy as jnp
+
+    from la_iprop.runs.engine import run
+
+    model = tiny.build(None)
+    if where == "clean":
+        broken = model.replace(preprocess=lambda x: x * jnp.nan)
+    else:  # finite on the images themselves, NaN on ig's interpolated inputs (every pixel scaled below 1)
+        broken = model.replace(preprocess=lambda x: jnp.where(jnp.max(x) < 0.999, jnp.nan, 1.0) * (x * 2.0 - 1.0))
+    method = "sm" if where == "clean" else "ig"
+    config = _config(tmp_path / "out", methods=(method,), num_images=2, data="samples")
+    with pytest.raises(ConfigError) as info:
+        run(config, progress=False, model=broken)
+    text = str(info.value)
+    assert "\n" not in text and text.startswith(f"{method}:") and "non-finite" in text, text

@@ -15,6 +15,7 @@ devices (a 1-D ``data`` mesh); with ``jax.distributed`` initialised, each proces
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -28,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from la_iprop.attribution.base import NonFiniteAttributionError
 from la_iprop.iprop import IPROP_SUFFIX, IPropConfig, iprop
 from la_iprop.metrics import evaluate
 from la_iprop.models import predict
@@ -121,6 +123,22 @@ def _scan_store(config: RunConfig, out: pathlib.Path, batches: list[store.BatchS
         log.warning("moved %d file(s) aside to %s (reasons in its log.txt); the run's batches among them are "
                     "recomputed", len(moved), out / "quarantine")
     return moved
+
+
+@contextlib.contextmanager
+def _named_images(variant: str, batch: int, spec: store.BatchSpec, what: str):
+    """A method, IProp or the metric refusing its numbers (non-finite maps or scores, maps too large
+    for IProp) ends the run with one line naming the variant and the images; what is stored stays."""
+    try:
+        yield
+    except NonFiniteAttributionError as err:
+        ids = [spec.ids[r] for r in err.rows if r < len(spec)]
+        raise ConfigError(f"{variant}: non-finite {what} for image(s) {', '.join(ids[:5])}"
+                          f"{' ...' if len(ids) > 5 else ''} (batch {batch}): {err}") from None
+    except ValueError as err:
+        text = " ".join(str(err).split())
+        raise ConfigError(f"{variant}: {what} of batch {batch} (images {spec.ids[0]}..{spec.ids[-1]}): "
+                          f"{text}") from None
 
 
 def _keeps_maps(config: RunConfig, variant: str) -> bool:
@@ -229,7 +247,7 @@ def run(config: RunConfig, *, progress: bool = True, model=None, reports: bool =
                             "score %s", variant, b, ", ".join(missing))
             if variant not in attributes:
                 attributes[variant] = attribution_fn(config, variant, prepared.reference_images)
-            with tracker.stage("attribution"):
+            with tracker.stage("attribution"), _named_images(variant, b, spec, "maps"):
                 maps, predicted, seconds = _compute_maps(config, model, out, variant, spec, images, sharder,
                                                          shape_size, attributes[variant],
                                                          split_variant(config, variant)[1])
@@ -244,7 +262,8 @@ def run(config: RunConfig, *, progress: bool = True, model=None, reports: bool =
                 store.write_npz(maps_path(out, variant, b), record)
             missing = list(protocols)  # new maps: scores of older maps (if any) do not hold for them
         for p in missing:
-            with tracker.stage(p):  # the bar moves per scored chunk (numerics identical without it)
+            # (the bar moves per scored chunk; numerics identical without it)
+            with tracker.stage(p), _named_images(variant, b, spec, f"{p} scores"):
                 game = evaluate(model, images, maps, protocol=protocols[p], labels=predicted,
                                 precision=config.precision, progress=tracker.chunk if progress else None)
             store.write_npz(scores_path(out, p, variant, b), {
