@@ -2,7 +2,7 @@
 
 The searches only rank settings by a score the caller computes (for the ablation experiment:
 the mean over methods of insertion − deletion on a tuning split), so they are independent of
-models, data and caching. ``experiments/iprop_ablation.py`` supplies that score.
+models, data and caching. :mod:`la_iprop.studies.iprop_tuning` supplies that score.
 """
 
 from __future__ import annotations
