@@ -105,7 +105,9 @@ def _fmt_ci(ci: dict, digits: int = 4) -> str:
 
 def write_report(work_dir: pathlib.Path, results_dir: pathlib.Path, command: str,
                  reproduction: str = REPRODUCTION) -> dict:
-
+    """``stability.md`` and ``.json`` from the per-method figures in ``work_dir`` (or, when it is gone,
+    from the previous ``stability.json``, keeping its command); ``reproduction`` names the section of
+    ``results/reproduction/`` whose LA-vs-baseline differences are checked against the noise."""
     if (work_dir / "identity.json").exists():
         identity = json.loads((work_dir / "identity.json").read_text())
         results = {m: json.loads((work_dir / f"{m}.json").read_text())
@@ -113,6 +115,7 @@ def write_report(work_dir: pathlib.Path, results_dir: pathlib.Path, command: str
     else:  # the per-image figures the last report stored (its work folder is gone): the report is rebuilt from them
         previous = json.loads((results_dir / "stability.json").read_text())
         identity, results = previous["settings"], previous["per_image"]
+        command = previous["command"]  # the command that measured them, whatever flags rebuild the report
     summaries = {m: _summary(r) for m, r in results.items()}
     against = reproduction_against_noise(summaries, results_dir / "reproduction" / reproduction / "results.csv")
     payload = {"command": command, "settings": identity, "machine": _machine(),
