@@ -162,15 +162,40 @@ DEPTHWISE_IMPLS = ("shift_add", "shift_add_plain", "library")
 
 
 def depthwise_impl_for_backend(backend: str | None = None) -> str:
-    """Which depthwise implementation is fastest on a backend (measured, see DESIGN.md).
+    """Which depthwise implementation is fastest on a platform (measured, see docs/design.md).
 
     XLA:CPU's grouped convolution is ~10x slower than shift-and-add (forward and input
     gradient), and the hand-written VJP of ``"shift_add"`` (stride phases, cotangent
     materialised once) halves Lite0's input gradient again; on GPU cuDNN's depthwise
-    kernels win.
+    kernels win. ``backend``: a platform name (``"cpu"``, ``"cuda"``, ``"tpu"``, ...; None:
+    ``jax.default_backend()``). :func:`depthwise_conv` with ``impl=None`` applies this table
+    to the platform a program is *lowered* for, not to this default.
     """
     backend = backend or jax.default_backend()
     return "shift_add" if backend == "cpu" else "library"
+
+
+def _depthwise_impl(impl: str, x: jax.Array, kernel: jax.Array, stride: int, padding) -> jax.Array:
+    if impl == "shift_add":
+        return _depthwise_fast(x, kernel, stride, padding)
+    x = _pad_input(x, padding)
+    if impl == "shift_add_plain":
+        return _depthwise_shift_add(x, kernel, stride)
+    if impl == "library":
+        return _depthwise_library(x, kernel, stride)
+    raise ValueError(f"impl must be one of {DEPTHWISE_IMPLS} or None, got {impl!r}")
+
+
+def _depthwise_per_platform(x: jax.Array, kernel: jax.Array, stride: int, padding) -> jax.Array:
+    """The implementation of :func:`depthwise_impl_for_backend` for the platform the program is
+    lowered for (``lax.platform_dependent``), so a program exported or compiled for a GPU/TPU on a
+    CPU host gets the accelerator form, and one lowered for the CPU the shift-and-add form; only
+    the chosen branch reaches the compiler. Outside ``jit`` the default device's form runs."""
+    def branch(platform):
+        impl = depthwise_impl_for_backend(platform)
+        return lambda x, kernel: _depthwise_impl(impl, x, kernel, stride, padding)
+
+    return lax.platform_dependent(x, kernel, cpu=branch("cpu"), default=branch("cuda"))
 
 
 def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int = 1,
@@ -180,20 +205,18 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int = 1,
 
     ``impl``: ``"shift_add"`` (shift-and-add over stride phases with a hand-written VJP),
     ``"shift_add_plain"`` (shift-and-add, autodiff), ``"library"``
-    (``lax.conv_general_dilated`` with ``feature_group_count``) or None (pick per backend).
+    (``lax.conv_general_dilated`` with ``feature_group_count``) or None (per the platform the
+    program is lowered for: ``"shift_add"`` on CPU, ``"library"`` elsewhere).
     All compute the same cross-correlation as PyTorch's grouped ``conv2d``, in the
     inputs' dtype.
     """
-    impl = impl or depthwise_impl_for_backend()
+    if impl is not None and impl not in DEPTHWISE_IMPLS:
+        raise ValueError(f"impl must be one of {DEPTHWISE_IMPLS} or None, got {impl!r}")
     padding = tuple(tuple(int(p) for p in pair) for pair in padding)
-    if impl == "shift_add":
-        return _depthwise_fast(x, kernel, int(stride), padding)
-    x = _pad_input(x, padding)
-    if impl == "shift_add_plain":
-        return _depthwise_shift_add(x, kernel, stride)
-    if impl == "library":
-        return _depthwise_library(x, kernel, stride)
-    raise ValueError(f"impl must be one of {DEPTHWISE_IMPLS} or None, got {impl!r}")
+    stride = int(stride)
+    if impl is None:
+        return _depthwise_per_platform(x, kernel, stride, padding)
+    return _depthwise_impl(impl, x, kernel, stride, padding)
 
 
 class DepthwiseConv(nn.Module):
