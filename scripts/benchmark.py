@@ -21,6 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_common import environment  # noqa: E402
 
+from la_iprop.precision import PRECISIONS  # noqa: E402
+
 COMPONENTS = ["la", "metrics", "iprop", "models", "methods", "vs-torch"]
 
 
@@ -40,8 +42,10 @@ def main(argv=None) -> int:
     modules = _available()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", help="write the results here as JSON")
-    parser.add_argument("--precision", default="float32", choices=["float32", "float64"],
-                        help="run every kernel in this precision (float64: x64 scoped to the run; see la_iprop.precision)")
+    parser.add_argument("--precision", default="float32", choices=list(PRECISIONS),
+                        help="run every kernel in this precision (float64: x64 scoped to the run; float32_fast: the "
+                             "backend's fast matmul/convolution mode, TF32 or bfloat16 on accelerators; see "
+                             "docs/precision.md)")
     sub = parser.add_subparsers(dest="component", required=True)
     everything = sub.add_parser("all", help="every component")
     everything.add_argument("--quick", action="store_true", help="small sizes; a few minutes on a 2-core CPU")
