@@ -334,8 +334,8 @@ def test_float32_and_float32_fast_are_bit_identical_on_cpu_lite0(lite0):
 def test_three_precisions_and_their_scopes():
     from la_iprop.precision import float_dtype, precision_dtype, resolve_precision
     assert PRECISIONS == ("float32", "float64", "float32_fast")
-    assert jax.config.jax_default_matmul_precision is None
-    expected = {"float32": ("highest", False), "float32_fast": (None, False), "float64": (None, True)}
+    outside = jax.config.jax_default_matmul_precision   # None unless the environment sets it
+    expected = {"float32": ("highest", False), "float32_fast": (None, False), "float64": (outside, True)}
     for precision, (matmul, x64) in expected.items():
         with precision_scope(precision):
             assert jax.config.jax_default_matmul_precision == matmul and jax.config.jax_enable_x64 == x64
@@ -350,7 +350,7 @@ def test_three_precisions_and_their_scopes():
         with pytest.raises(RuntimeError, match="inside"), precision_scope("float32"):
             raise RuntimeError("inside")
         assert jax.config.jax_default_matmul_precision == "bfloat16"
-    assert jax.config.jax_default_matmul_precision is None and not jax.config.jax_enable_x64
+    assert jax.config.jax_default_matmul_precision == outside and not jax.config.jax_enable_x64
 
 
 @pytest.mark.parametrize("bad", ["float32-fast", "tf32", None, 32])

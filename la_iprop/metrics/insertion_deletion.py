@@ -387,8 +387,9 @@ def evaluate(logit_fn: Callable, images: Any, attributions: Any, *, protocol: st
         scored: ``count`` perturbed images just scored (their counts sum to ``total``, the
         ``B * 2 * (steps + 1)`` images of the call). It only reports (the scores are identical
         without it); an exception it raises is logged once and ignored.
-      precision: "float32" (default) or "float64": the model, images, maps and scores in float64
-        with JAX's x64 mode scoped to the call (see :mod:`la_iprop.precision`).
+      precision: "float32" (default; full float32 dots/convolutions on every backend), "float64"
+        (the model, images, maps and scores in float64 with JAX's x64 mode scoped to the call) or
+        "float32_fast" (the accelerator's TF32/bfloat16 mode); see :mod:`la_iprop.precision`.
     """
     proto = get_protocol(protocol)
     model = logit_fn   # before wrapping: its attributes tell the mean colour
