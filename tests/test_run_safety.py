@@ -144,7 +144,7 @@ def test_an_empty_folder_or_an_unfinished_marker_write_is_a_new_run(tmp_path):
 
 def test_a_sweep_writes_only_into_its_own_folder(tmp_path):
     from la_iprop.runs.engine import run
-    from la_iprop.runs.sweep import run_sweep
+    from la_iprop.runs.sweep import _check_sweep_out, run_sweep
 
     spec = {"methods": ["sm"], "models": [TINY], "num_images": 2, "batch_size": 2, "seed": 3}
     foreign = tmp_path / "foreign"
@@ -164,6 +164,14 @@ def test_a_sweep_writes_only_into_its_own_folder(tmp_path):
         run(_config(sweep), progress=False)  # a run into a sweep's folder
     with pytest.raises(ConfigError, match=r"^--out: .*holds no sweep.json"):
         run_sweep(spec, sweep / f"{TINY}_sm", progress=False)  # a sweep into a run's folder
+    legacy = tmp_path / "legacy"  # a sweep from before the marker: its tables and run folders only
+    (legacy / "cell").mkdir(parents=True)
+    (legacy / "cell" / "run.json").write_text("{}")
+    (legacy / "sweep.md").write_text("| cell |\n")
+    _check_sweep_out(legacy, spec)
+    (legacy / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match=r"holds no sweep.json"):
+        _check_sweep_out(legacy, spec)
     (foreign / "notes.txt").unlink()
     (foreign / "sweep.json").write_text('{"kind": "something else"}')
     with pytest.raises(ConfigError, match=r"sweep.json is not the marker of a sweep"):

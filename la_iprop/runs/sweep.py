@@ -19,7 +19,8 @@ Cell folder names are made file-name safe and shortened (:func:`la_iprop.runs.ou
 
 The sweep's folder follows the rule of a run's (:mod:`la_iprop.runs.outdir`) with its own marker:
 ``<out>`` must be absent, empty, or hold ``sweep.json`` (written before the first cell runs, with the
-specification), so a sweep never writes its tables into a folder that holds something else.
+specification), so a sweep never writes its tables into a folder that holds something else. A sweep
+folder from before the marker (only sweep.md, sweep.csv and run folders) is recognised and gets one.
 """
 
 from __future__ import annotations
@@ -124,10 +125,25 @@ def cells(spec: dict) -> list[tuple[str, dict]]:
     return out
 
 
+def _legacy_sweep(out: pathlib.Path) -> bool:
+    """A sweep's folder written before the marker: its tables (sweep.md, sweep.csv) and run folders only
+    (each with its run.json), which a sweep rewrites or resumes anyway; its marker is added."""
+    if not out.is_dir() or (out / SWEEP_MARKER).exists():
+        return False
+    entries = list(out.iterdir())
+    tables = {e.name for e in entries if not e.is_dir()}
+    return bool(tables) and tables <= {"sweep.md", "sweep.csv"} and \
+        all((e / "run.json").is_file() for e in entries if e.is_dir())
+
+
 def _check_sweep_out(out: pathlib.Path, spec: dict) -> None:
     """The sweep's folder: absent, empty, or a sweep's (its ``sweep.json``), never another folder."""
-    check_out(out, marker=SWEEP_MARKER, what="sweep", data=spec.get("data") if isinstance(spec, dict) else None,
-              tfds_data_dir=spec.get("tfds_data_dir") if isinstance(spec, dict) else None)
+    data = spec.get("data") if isinstance(spec, dict) else None
+    tfds_data_dir = spec.get("tfds_data_dir") if isinstance(spec, dict) else None
+    if _legacy_sweep(out):  # (still refused inside the data, at /, at home)
+        check_out(out, marker="sweep.md", what="sweep", data=data, tfds_data_dir=tfds_data_dir)
+        return
+    check_out(out, marker=SWEEP_MARKER, what="sweep", data=data, tfds_data_dir=tfds_data_dir)
     marker = out / SWEEP_MARKER
     if marker.exists():
         try:
