@@ -32,6 +32,7 @@ def define_flags() -> None:
     flags.DEFINE_bool("progress", True, "Show a progress bar (false: one log line per batch).")
 
 
+@shared.one_line_errors  # an OSError (full disk, read-only, name too long...): one line
 def main(argv):
     del argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")

@@ -5,7 +5,13 @@
 - :mod:`~la_iprop.runs.engine`: :func:`run`, the batch-major loop (maps once, scores per protocol).
 - :mod:`~la_iprop.runs.store`: the run folder: identity, atomic writes, resume checks, quarantine.
 - :mod:`~la_iprop.runs.report`: per-image CSV, summary, tables and figures read back from the store.
-- :mod:`~la_iprop.runs.progress`, :mod:`~la_iprop.runs.multihost`, :mod:`~la_iprop.runs.external_maps`.
+- :mod:`~la_iprop.runs.validation`: every setting checked cheaply, before any model is loaded.
+- :mod:`~la_iprop.runs.outdir`: where a run may write (empty or its own folder; never /, home or the data).
+- :mod:`~la_iprop.runs.checksums`, :mod:`~la_iprop.runs.files`, :mod:`~la_iprop.runs.fingerprint`: batch
+  content checksums, atomic writes and moves, image hashes.
+- :mod:`~la_iprop.runs.sweep`: a grid of runs; :mod:`~la_iprop.runs.environment`: versions and device.
+- :mod:`~la_iprop.runs.progress`, :mod:`~la_iprop.runs.multihost`, :mod:`~la_iprop.runs.external_maps`
+  (with :mod:`~la_iprop.runs.map_layouts`).
 """
 
 from la_iprop.runs.config import RunConfig, parse_hparams
