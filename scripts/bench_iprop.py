@@ -18,7 +18,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from bench_common import time_call
+from absl import flags
+from bench_common import define_shared, refuse, time_call
 
 from la_iprop.iprop import IPropConfig, iprop, knn_graph, propagate, reward_from_attribution
 
@@ -26,13 +27,17 @@ LA1000 = pathlib.Path(os.environ.get("LA_IPROP_SHARED", pathlib.Path(__file__).r
 LA1000 = LA1000 / "data" / "la1000" / "images"
 
 
-def add_arguments(parser) -> None:
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch sizes to time")
-    parser.add_argument("--size", type=int, nargs=2, default=[224, 224], metavar=("H", "W"))
-    parser.add_argument("--repeats", type=int, default=9)
-    for name, kind in (("k", int), ("radius", int), ("sigma_s", float), ("sigma_c", float), ("color_space", str),
-                       ("gamma", float), ("reward", str), ("tol", float), ("max_iter", int)):
-        parser.add_argument(f"--{name}", type=kind, default=None, help="IProp setting (default: the library default)")
+_IPROP_SETTINGS = (("k", flags.DEFINE_integer), ("radius", flags.DEFINE_integer), ("sigma_s", flags.DEFINE_float),
+                   ("sigma_c", flags.DEFINE_float), ("color_space", flags.DEFINE_string),
+                   ("gamma", flags.DEFINE_float), ("reward", flags.DEFINE_string), ("tol", flags.DEFINE_float))
+# The flags this subcommand reads (scripts/benchmark.py refuses the other subcommands' flags with it).
+FLAG_NAMES = ("batch", "size", "repeats", *(name for name, _ in _IPROP_SETTINGS), "max_iter")
+
+
+def define_flags() -> None:
+    define_shared("batch", "size", "repeats", "max_iter")
+    for name, definer in _IPROP_SETTINGS:
+        definer(name, None, "iprop: IProp setting (default: the library default).")
 
 
 def _images(batch: int, size: tuple[int, int]) -> np.ndarray:
@@ -81,9 +86,11 @@ def run(args) -> dict:
     overrides = {k: getattr(args, k) for k in ("k", "radius", "sigma_s", "sigma_c", "color_space", "gamma",
                                                "reward", "tol", "max_iter") if getattr(args, k, None) is not None}
     config = IPropConfig().replace(**overrides)
-    repeats = 3 if args.quick else args.repeats
-    batches = [1] if args.quick else args.batch
-    size = tuple(args.size)
+    repeats = 3 if args.quick else (args.repeats or 9)
+    batches = [1] if args.quick else (args.batch or [1, 8])
+    if args.size is not None and len(args.size) not in (1, 2):
+        refuse(f"--size: iprop takes H,W or one side, got {','.join(map(str, args.size))}")
+    size = (224, 224) if args.size is None else (args.size[0], args.size[-1])
     graph_fn = jax.jit(lambda x: knn_graph(x, k=config.k, radius=config.radius, sigma_s=config.sigma_s,
                                            sigma_c=config.sigma_c, color_space=config.color_space))
     prop_fns = {  # the two equal forms of P V: edge-list segment_sum, and shifted copies (what iprop uses)

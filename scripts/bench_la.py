@@ -16,24 +16,22 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from bench_common import block, peak_memory_bytes
+from absl import flags
+from bench_common import block, define_shared, peak_memory_bytes
 
 from la_iprop.attribution.attack import probability_gradients
 from la_iprop.attribution.la import _local_attribution_batch, local_attribution
 from la_iprop.models import load_model
 
+# The flags this subcommand reads (scripts/benchmark.py refuses the other subcommands' flags with it).
+FLAG_NAMES = ("model", "batch", "spatial_range", "max_iter", "sampling_times", "run_chunk", "update", "repeats",
+              "random_weights")
 
-def add_arguments(parser) -> None:
-    parser.add_argument("--model", default="efficientnet_lite0")
-    parser.add_argument("--batch", type=int, nargs="+", default=None, help="batch sizes (default 1 8; quick: 1)")
-    parser.add_argument("--spatial-range", type=float, default=10.0)
-    parser.add_argument("--max-iter", type=int, default=None, help="T (default 10; quick: 2)")
-    parser.add_argument("--sampling-times", type=int, default=6)
-    parser.add_argument("--run-chunk", type=int, default=None, help="runs evaluated together (default: LA's, 1 on CPU, all K elsewhere)")
-    parser.add_argument("--update", default="restart", choices=["restart", "pgd"])
-    parser.add_argument("--repeats", type=int, default=None, help="timed calls per setting (default 2; quick: 1)")
-    parser.add_argument("--random-weights", action="store_true",
-                        help="random Flax initialisation of --model instead of its checkpoint (timing only)")
+
+def define_flags() -> None:
+    define_shared("model", "batch", "spatial_range", "max_iter", "sampling_times", "run_chunk", "repeats",
+                  "random_weights")
+    flags.DEFINE_enum("update", "restart", ["restart", "pgd"], "la: LA's update rule.")
 
 
 def _cpu_seconds() -> float:
@@ -89,7 +87,7 @@ def run(args) -> dict:
     batches = args.batch or ([1] if args.quick else [1, 8])
     max_iter = args.max_iter or (2 if args.quick else 10)
     repeats = args.repeats or (1 if args.quick else 2)
-    k = args.sampling_times
+    k = args.sampling_times or 6
     default_chunk = 1 if jax.default_backend() == "cpu" else k   # local_attribution's run_chunk=None
     chunk = min(args.run_chunk or default_chunk, k)
     if args.random_weights:  # e.g. ResNet-50, whose weights cannot be downloaded here: the cost is the same

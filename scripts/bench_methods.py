@@ -1,8 +1,8 @@
 """Attribution methods: images/s at a batch size, and model evaluations per image.
 
 Generic over the registry (``available_methods()``): each method runs with its
-defaults, or with its registered ``quick`` settings under ``--quick``; ``--set
-NAME.PARAM=VALUE`` overrides one hyperparameter. Methods that need a reference set
+defaults, or with its registered ``quick`` settings under ``--quick``; ``--set=NAME.PARAM=VALUE``
+overrides one hyperparameter (repeatable). Methods that need a reference set
 (``needs_reference_set``) get ``--references`` images of the data source.
 
 Model evaluations per image are *counted*, not declared: the benchmark runs the method
@@ -27,7 +27,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from bench_common import environment, time_call
+from absl import flags
+from bench_common import define_shared, one_batch, refuse, time_call
 
 from la_iprop.attribution import available_methods, get_method
 from la_iprop.models import load_model
@@ -35,17 +36,19 @@ from la_iprop.models import load_model
 _LA1000 = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "la1000"
 
 
-def add_arguments(parser) -> None:
-    parser.add_argument("--methods", nargs="+", default=None, help="methods to time (default: every registered)")
-    parser.add_argument("--model", default="efficientnet_lite0")
-    parser.add_argument("--batch", type=int, default=8, help="images per call")
-    parser.add_argument("--data", default=None,
-                        help="image source spec (default: la1000 from ../shared when present, else 'samples')")
-    parser.add_argument("--references", type=int, default=16, help="reference-set size for methods that need one")
-    parser.add_argument("--repeats", type=int, default=1, help="timed calls after the compiling one")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME.PARAM=VALUE",
-                        help="override a hyperparameter of one method (repeatable)")
-    parser.add_argument("--no-count", action="store_true", help="skip counting model evaluations")
+# The flags this subcommand reads (scripts/benchmark.py refuses the other subcommands' flags with it).
+FLAG_NAMES = ("methods", "model", "batch", "data", "references", "repeats", "set", "no_count")
+
+
+def define_flags() -> None:
+    flags.DEFINE_list("methods", None, "methods: methods to time, comma separated (default: every registered).")
+    define_shared("model", "batch", "repeats")
+    flags.DEFINE_string("data", None, "methods: image source spec (default: la1000 from ../shared when present, "
+                        "else 'samples').")
+    flags.DEFINE_integer("references", 16, "methods: reference-set size for methods that need one.", lower_bound=0)
+    flags.DEFINE_multi_string("set", [], "methods: NAME.PARAM=VALUE, override a hyperparameter of one method "
+                              "(repeatable).")
+    flags.DEFINE_bool("no_count", False, "methods: skip counting model evaluations.")
 
 
 # ----------------------------------------------------------------------------- evaluation counter
@@ -119,18 +122,23 @@ def _gradient(model, images, labels):
 
 def run(args) -> dict:
     names = args.methods or available_methods()
-    overrides = _parse_overrides(args.overrides)
+    try:
+        overrides = _parse_overrides(args["set"].value)
+    except ValueError as err:
+        refuse(str(err))
+    batch = one_batch(args, 8)
+    repeats = args.repeats or 1
     model = load_model(args.model)
     size = getattr(model, "input_size", 224)
-    pool, spec = _load_images(args.data, args.batch + args.references, size)
-    images = jnp.asarray(pool[:args.batch])
-    references = jnp.asarray(pool[args.batch:])
+    pool, spec = _load_images(args.data, batch + args.references, size)
+    images = jnp.asarray(pool[:batch])
+    references = jnp.asarray(pool[batch:])
     labels = _predict(model, images)
     key = jax.random.PRNGKey(0)
     # One batched input gradient: the unit of cost ("gradient-equivalents" below).
     grad_seconds = time_call(lambda: _gradient(model, images, labels), repeats=3)
-    print(f"methods reference: one gradient of p_y at batch {args.batch}: "
-          f"{1e3 * grad_seconds / args.batch:.1f} ms/image", flush=True)
+    print(f"methods reference: one gradient of p_y at batch {batch}: "
+          f"{1e3 * grad_seconds / batch:.1f} ms/image", flush=True)
     rows = []
     for name in names:
         method = get_method(name)
@@ -143,19 +151,19 @@ def run(args) -> dict:
         start = time.perf_counter()
         jax.block_until_ready(call())
         first = time.perf_counter() - start
-        seconds = time_call(call, repeats=args.repeats, warmup=0)
+        seconds = time_call(call, repeats=repeats, warmup=0)
         evaluations = None
         if not args.no_count:
             evaluations = count_evaluations(method.fn, model, images[:1], labels[:1], **kwargs)
         row = {"method": name, "settings": "quick" if args.quick else "defaults", "hparams": hparams,
-               "batch": args.batch, "seconds": seconds, "compile_and_first_call_s": first,
-               "images_per_s": args.batch / seconds, "model_evaluations_per_image": evaluations,
+               "batch": batch, "seconds": seconds, "compile_and_first_call_s": first,
+               "images_per_s": batch / seconds, "model_evaluations_per_image": evaluations,
                "gradient_equivalents_per_image": seconds / grad_seconds}
         rows.append(row)
-        print(f"methods {name:10s} batch={args.batch}: {row['images_per_s']:8.3f} images/s "
-              f"({seconds / args.batch:7.3f} s/image, {seconds / grad_seconds:6.1f} gradient-equivalents), "
+        print(f"methods {name:10s} batch={batch}: {row['images_per_s']:8.3f} images/s "
+              f"({seconds / batch:7.3f} s/image, {seconds / grad_seconds:6.1f} gradient-equivalents), "
               f"model evaluations/image: {evaluations}, "
               f"first call {first:.1f} s, hparams {hparams}", flush=True)
-    return {"model": args.model, "data": spec, "backend": environment()["backend"],
-            "cpu_count": os.cpu_count(), "gradient_ms_per_image": 1e3 * grad_seconds / args.batch,
+    return {"model": args.model, "data": spec, "backend": jax.default_backend(),
+            "cpu_count": os.cpu_count(), "gradient_ms_per_image": 1e3 * grad_seconds / batch,
             "results": rows}

@@ -20,7 +20,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from bench_common import block, environment
+from absl import flags
+from bench_common import block, define_int_list, define_shared
 
 from la_iprop.metrics import evaluate, get_protocol
 from la_iprop.models import load_model
@@ -30,11 +31,15 @@ from la_iprop.models import load_model
 OFFICIAL_SECONDS_PER_IMAGE_BOTH_GAMES = 2 * 18 * 60 / 100
 
 
-def add_arguments(parser) -> None:
-    parser.add_argument("--images", type=int, default=8, help="images per evaluation")
-    parser.add_argument("--protocol", nargs="+", default=["la"], help="presets to time (la, rise)")
-    parser.add_argument("--chunk", type=int, nargs="+", default=[8], help="chunk sizes (images per forward)")
-    parser.add_argument("--repeats", type=int, default=1, help="timed calls after the compiling one")
+# The flags this subcommand reads (scripts/benchmark.py refuses the other subcommands' flags with it).
+FLAG_NAMES = ("images", "protocol", "chunk", "repeats")
+
+
+def define_flags() -> None:
+    flags.DEFINE_integer("images", 8, "metrics: images per evaluation (--quick: 2).", lower_bound=1)
+    flags.DEFINE_list("protocol", ["la"], "metrics: presets to time, comma separated (la, rise).")
+    define_int_list("chunk", [8], "metrics: chunk sizes (images per forward), comma separated.")
+    define_shared("repeats")
 
 
 @jax.jit
@@ -80,7 +85,7 @@ def run(args) -> dict:
             first = time.perf_counter() - start
             before = _timed(functools.partial(_forward, model, batch), 5)
             loop_before = _timed(functools.partial(_forward_loop, model, chunks), 1)
-            wall, cpu = _timed(call, args.repeats)
+            wall, cpu = _timed(call, args.repeats or 1)
             loop_after = _timed(functools.partial(_forward_loop, model, chunks), 1)
             after = _timed(functools.partial(_forward, model, batch), 5)
             fwd_wall, fwd_cpu = ((before[0] + after[0]) / 2 / chunk, (before[1] + after[1]) / 2 / chunk)
@@ -101,5 +106,5 @@ def run(args) -> dict:
                   f"({r['seconds_per_image']:.2f} s/image; forward {r['forward_ms_per_image']:.1f} ms/image), "
                   f"efficiency {r['efficiency']:.3f} (CPU time {r['efficiency_cpu_time']:.3f}; "
                   f"vs lax.map forwards {r['efficiency_vs_loop']:.3f})", flush=True)
-    return {"model": "efficientnet_lite0", "backend": environment()["backend"], "results": rows,
+    return {"model": "efficientnet_lite0", "backend": jax.default_backend(), "results": rows,
             "official_seconds_per_image_both_games_stated": OFFICIAL_SECONDS_PER_IMAGE_BOTH_GAMES}

@@ -1,7 +1,7 @@
 """Classifier throughput: forward and input-gradient images/s for each registered model.
 
-    python scripts/benchmark.py models --batch 8
-    python scripts/benchmark.py models --random-weights          # no checkpoints needed
+    python scripts/benchmark.py models --batch=8
+    python scripts/benchmark.py models --random_weights          # no checkpoints needed
 
 The input gradient is d logit_y / d images for one class per image (what attribution
 methods compute), differentiated with respect to the images only. Each function is
@@ -9,7 +9,7 @@ jit-compiled once (compile time reported separately) and timed over ``--repeats`
 wall-clock and process CPU time are both reported (on a shared machine the CPU-time
 figure is the steadier one).
 
-``--random-weights`` initialises every model with Flax's random initialisers instead of
+``--random_weights`` initialises every model with Flax's random initialisers instead of
 loading weights: speed does not depend on the weight values, so this measures models
 whose checkpoints are not at hand. It exists for benchmarking only; ``load_model``
 never falls back to random weights. Without it, models whose weights are not found are
@@ -22,7 +22,8 @@ import time
 
 import jax
 import jax.numpy as jnp
-from bench_common import block
+from absl import flags
+from bench_common import block, define_shared, one_batch
 
 from la_iprop.models import available_models, load_model
 from la_iprop.models.zoo import ModelFn, imagenet_normalize
@@ -30,14 +31,16 @@ from la_iprop.models.zoo import ModelFn, imagenet_normalize
 QUICK_MODELS = ["efficientnet_lite0", "resnet50"]
 
 
-def add_arguments(parser) -> None:
-    parser.add_argument("--models", nargs="+", choices=available_models(), default=None,
-                        help="models to time (default: all registered; --quick: efficientnet_lite0, resnet50)")
-    parser.add_argument("--batch", type=int, default=None, help="images per call (default 8; --quick: 2)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed calls after the compiling one "
-                                                                   "(default 3; --quick: 1)")
-    parser.add_argument("--random-weights", action="store_true",
-                        help="random Flax initialisation instead of checkpoints (timing only)")
+# The flags this subcommand reads (scripts/benchmark.py refuses the other subcommands' flags with it).
+FLAG_NAMES = ("models", "batch", "repeats", "random_weights")
+
+
+def define_flags() -> None:
+    flags.DEFINE_list("models", None, "models: models to time, comma separated (default: all registered; --quick: "
+                      f"{','.join(QUICK_MODELS)}).")
+    flags.register_validator("models", lambda names: names is None or set(names) <= set(available_models()),
+                             f"--models: each one of {', '.join(available_models())}")
+    define_shared("batch", "repeats", "random_weights")
 
 
 def random_model_fn(name: str, key: jax.Array) -> ModelFn:
@@ -97,7 +100,7 @@ def _time(fn, repeats: int) -> dict:
 def run(args) -> dict:
     quick = getattr(args, "quick", False)
     models = args.models or (QUICK_MODELS if quick else available_models())
-    batch = args.batch or (2 if quick else 8)
+    batch = one_batch(args, 2 if quick else 8)
     repeats = args.repeats or (1 if quick else 3)
     key = jax.random.PRNGKey(0)
     results = {"batch": batch, "repeats": repeats, "random_weights": bool(args.random_weights), "models": {}}
@@ -109,7 +112,7 @@ def run(args) -> dict:
                 model_fn = load_model(name)
             except FileNotFoundError as err:
                 results["models"][name] = {"skipped": str(err)}
-                print(f"{name}: skipped (no weights; --random-weights times it anyway)", flush=True)
+                print(f"{name}: skipped (no weights; --random_weights times it anyway)", flush=True)
                 continue
         size = model_fn.input_size
         images = jax.random.uniform(jax.random.fold_in(key, 1), (batch, size, size, 3), jnp.float32)

@@ -21,6 +21,18 @@ the ratios hold on a shared or throttled machine; absolute seconds do not transf
 
 Requires torch and efficientnet-lite-pytorch (test extras); skipped with a message otherwise.
 
+The machine's load is recorded around every timed round (a round: each side's call once): the
+1/5/15-minute load averages and the CPU share of every process outside the benchmark's own process
+tree in a 0.5 s window before and after the round, and over the round itself
+(``bench_common.machine_load``, ``RoundMonitor``). A round is *not idle* when the 1-minute load
+average before or after it exceeds the benchmark's own expected load + 0.3 (its own: the CPUs it
+keeps busy while timing, i.e. every core this process may use, or ``--threads`` where larger), or
+when other processes used more than 5% of the machine (all cores together) before, during or after
+it. Each part's JSON holds ``load`` (``idle``, ``not_idle_rounds``, each round's readings and
+``reasons``), each printed line ends with ``[NOT IDLE ...]`` when any of its rounds was not idle,
+and the summary printed last says whether the figures may go into the README's or docs' tables:
+a figure with a round that was not idle must not.
+
 PyTorch's OpenMP threads spin-wait by default; on a 2-core machine where another process
 holds a core, that made a 2-thread Lite0 forward up to ~100x slower (measured: 1.6 s instead
 of 12 ms at 64x64). Unless ``OMP_WAIT_POLICY`` is already set, this module sets it to
@@ -38,6 +50,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
+from bench_common import IDLE_RULE, RoundMonitor, available_cpus, define_int_list, define_shared, not_idle_note, refuse
 
 from la_iprop.attribution.attack import probability_gradients
 from la_iprop.attribution.la import avoid_label, local_attribution
@@ -51,20 +65,22 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 LA1000 = pathlib.Path(os.environ.get("LA_IPROP_SHARED", ROOT.parent / "shared")) / "data" / "la1000"
 
 
-def add_arguments(parser) -> None:
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
-    parser.add_argument("--parts", nargs="+", default=["lite0", "la", "metric"], choices=["lite0", "la", "metric"])
-    parser.add_argument("--lite0-batch", type=int, nargs="+", default=None, help="default 1 8 48; quick: 1 2")
-    parser.add_argument("--la-batch", type=int, nargs="+", default=None, help="default 1 8; quick: 1")
-    parser.add_argument("--spatial-range", type=float, default=10.0)
-    parser.add_argument("--max-iter", type=int, default=None, help="T (default 10; quick: 2)")
-    parser.add_argument("--sampling-times", type=int, default=None, help="K (default 6; quick: 2)")
-    parser.add_argument("--run-chunk", type=int, default=None, help="our LA run_chunk (default: LA's default)")
-    parser.add_argument("--metric-images", type=int, default=None, help="maps evaluated at once (default 8; quick: 2)")
-    parser.add_argument("--metric-chunk", type=int, default=None, help="our metric chunk_size (default: its default)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed calls per side (default 3; quick: 1)")
-    parser.add_argument("--size", type=int, default=None,
-                        help="image side (default 224; quick: 64, a top-left crop of the la1000 images)")
+PARTS = ("lite0", "la", "metric")
+# The flags this subcommand reads (scripts/benchmark.py refuses the other subcommands' flags with it).
+FLAG_NAMES = ("threads", "parts", "lite0_batch", "la_batch", "metric_images", "metric_chunk", "spatial_range",
+              "max_iter", "sampling_times", "run_chunk", "repeats", "size")
+
+
+def define_flags() -> None:
+    flags.DEFINE_integer("threads", 2, "vs-torch: torch.set_num_threads.", lower_bound=1)
+    flags.DEFINE_list("parts", list(PARTS), f"vs-torch: the parts to time, comma separated ({', '.join(PARTS)}).")
+    flags.register_validator("parts", lambda parts: set(parts) <= set(PARTS),
+                             f"--parts: each part one of {', '.join(PARTS)}")
+    define_int_list("lite0_batch", None, "vs-torch: Lite0 batch sizes, comma separated (default 1,8,48; --quick: 1,2).")
+    define_int_list("la_batch", None, "vs-torch: LA batch sizes, comma separated (default 1,8; --quick: 1).")
+    flags.DEFINE_integer("metric_images", None, "vs-torch: maps evaluated at once (default 8; --quick: 2).")
+    flags.DEFINE_integer("metric_chunk", None, "vs-torch: our metric's chunk_size (default: its default).")
+    define_shared("spatial_range", "max_iter", "sampling_times", "run_chunk", "repeats", "size")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -77,19 +93,22 @@ def _images(n: int, size: int) -> np.ndarray:
     return np.stack(out)
 
 
-def _side_by_side(calls: dict, repeats: int, warm: tuple[str, ...] | None = None) -> dict:
-    """Median seconds of each call; one warm-up call each (those named in ``warm``; None:
-    all), then the calls alternate per repeat."""
+def _side_by_side(calls: dict, repeats: int, monitor: RoundMonitor,
+                  warm: tuple[str, ...] | None = None) -> tuple[dict, dict]:
+    """Median seconds of each call, and the machine's load around each round (``monitor``); one
+    warm-up call each (those named in ``warm``; None: all), then the calls alternate per repeat."""
     for name, fn in calls.items():
         if warm is None or name in warm:
             fn()
     times = {name: [] for name in calls}
+    first = len(monitor.rounds)
     for _ in range(repeats):
-        for name, fn in calls.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: float(np.median(t)) for name, t in times.items()}
+        with monitor.round():
+            for name, fn in calls.items():
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(t)) for name, t in times.items()}, monitor.summary(first)
 
 
 class _Preprocessed:
@@ -195,7 +214,7 @@ def _forward_vjp(model, images, classes):
     return jax.vmap(lambda x, c: probability_gradients(model, x, c)[1])(images, classes)
 
 
-def _lite0_row(torch, model, tmodel, images, repeats) -> dict:
+def _lite0_row(torch, model, tmodel, images, repeats, monitor) -> dict:
     batch = images.shape[0]
     x = jnp.asarray(images)
     classes = jnp.tile(jnp.array([[3, 7]], jnp.int32), (batch, 1))
@@ -214,30 +233,30 @@ def _lite0_row(torch, model, tmodel, images, repeats) -> dict:
 
     for p in tmodel.parameters():
         p.requires_grad_(False)           # input-only VJP on both sides
-    t = _side_by_side({"ours_forward": lambda: jax.block_until_ready(_forward(model, x)),
-                       "torch_forward": torch_forward,
-                       "ours_vjp": lambda: jax.block_until_ready(_forward_vjp(model, x, classes)),
-                       "torch_vjp": torch_vjp}, repeats)
+    t, load = _side_by_side({"ours_forward": lambda: jax.block_until_ready(_forward(model, x)),
+                             "torch_forward": torch_forward,
+                             "ours_vjp": lambda: jax.block_until_ready(_forward_vjp(model, x, classes)),
+                             "torch_vjp": torch_vjp}, repeats, monitor)
     for p in tmodel.parameters():
         p.requires_grad_(True)
     with torch.no_grad():
         logit_diff = float(np.abs(np.asarray(_forward(model, x)) - tmodel(xt).numpy()).max())
     row = {"batch": batch, **{f"{k}_ms": 1e3 * v for k, v in t.items()},
            "forward_speedup": t["torch_forward"] / t["ours_forward"],
-           "vjp_speedup": t["torch_vjp"] / t["ours_vjp"], "max_abs_logit_diff": logit_diff}
+           "vjp_speedup": t["torch_vjp"] / t["ours_vjp"], "max_abs_logit_diff": logit_diff, "load": load}
     print(f"lite0 batch={batch:3d}: forward ours {row['ours_forward_ms']:.0f} ms, torch "
           f"{row['torch_forward_ms']:.0f} ms (x{row['forward_speedup']:.2f}); forward+2-cotangent input VJP ours "
-          f"{row['ours_vjp_ms']:.0f} ms, torch {row['torch_vjp_ms']:.0f} ms (x{row['vjp_speedup']:.2f})",
-          flush=True)
+          f"{row['ours_vjp_ms']:.0f} ms, torch {row['torch_vjp_ms']:.0f} ms (x{row['vjp_speedup']:.2f})"
+          f"{not_idle_note(load)}", flush=True)
     return row
 
 
-def _lite0_part(torch, model, tmodel, size, batches, repeats) -> list[dict]:
-    return [_lite0_row(torch, model, tmodel, np.concatenate([_images(min(b, 8), size)] * -(-b // 8))[:b], repeats)
-            for b in batches]
+def _lite0_part(torch, model, tmodel, size, batches, repeats, monitor) -> list[dict]:
+    return [_lite0_row(torch, model, tmodel, np.concatenate([_images(min(b, 8), size)] * -(-b // 8))[:b], repeats,
+                       monitor) for b in batches]
 
 
-def _la_row(torch, model, tmodel, images, draw, settings, run_chunk, repeats) -> dict:
+def _la_row(torch, model, tmodel, images, draw, settings, run_chunk, repeats, monitor) -> dict:
     batch, k = images.shape[0], settings["sampling_times"]
     x = jnp.asarray(images)
     labels = np.asarray(_forward(model, x)).argmax(-1)
@@ -256,24 +275,26 @@ def _la_row(torch, model, tmodel, images, draw, settings, run_chunk, repeats) ->
         return official_la(torch, tmodel, xt, t_targets, spatial_range=settings["spatial_range"],
                            max_iter=settings["max_iter"])
 
-    t = _side_by_side({"ours": ours, "official": theirs}, repeats, warm=("ours",))  # the loop compiles nothing
+    t, load = _side_by_side({"ours": ours, "official": theirs}, repeats, monitor,
+                            warm=("ours",))  # the loop compiles nothing
     a = np.asarray(ours()).reshape(batch, -1)
     b = np.transpose(theirs().numpy(), (0, 2, 3, 1)).reshape(batch, -1)
     corr = float(np.mean([np.corrcoef(a[i], b[i])[0, 1] for i in range(batch)]))
     row = {"batch": batch, "ours_s_per_image": t["ours"] / batch, "official_s_per_image": t["official"] / batch,
-           "speedup": t["official"] / t["ours"], "map_correlation_ours_vs_official": corr}
+           "speedup": t["official"] / t["ours"], "map_correlation_ours_vs_official": corr, "load": load}
     print(f"la batch={batch}: ours {row['ours_s_per_image']:.2f} s/image, official loop "
-          f"{row['official_s_per_image']:.2f} s/image (x{row['speedup']:.2f}); map correlation {corr:.4f}",
-          flush=True)
+          f"{row['official_s_per_image']:.2f} s/image (x{row['speedup']:.2f}); map correlation {corr:.4f}"
+          f"{not_idle_note(load)}", flush=True)
     return row
 
 
-def _la_part(torch, model, tmodel, size, batches, settings, run_chunk, repeats) -> list[dict]:
+def _la_part(torch, model, tmodel, size, batches, settings, run_chunk, repeats, monitor) -> list[dict]:
     draw = np.random.default_rng(3407).choice(1000, settings["sampling_times"], replace=False)
-    return [_la_row(torch, model, tmodel, _images(b, size), draw, settings, run_chunk, repeats) for b in batches]
+    return [_la_row(torch, model, tmodel, _images(b, size), draw, settings, run_chunk, repeats, monitor)
+            for b in batches]
 
 
-def _metric_part(torch, model, tmodel, size, n, chunk, repeats) -> dict:
+def _metric_part(torch, model, tmodel, size, n, chunk, repeats, monitor) -> dict:
     images = _images(n, size)
     maps = np.random.default_rng(0).normal(size=images.shape).astype(np.float32)
     protocol = get_protocol("la", step=3 * size)
@@ -290,9 +311,9 @@ def _metric_part(torch, model, tmodel, size, n, chunk, repeats) -> dict:
         return official_insertion_deletion(torch, tmodel, xt.clone(), maps_t, step=3 * size)
 
     with torch.no_grad():
-        t = _side_by_side({"ours": ours, "official": theirs,
-                           "ours_forward_chunk": lambda: jax.block_until_ready(_forward(model, batch))}, repeats,
-                          warm=("ours", "ours_forward_chunk"))
+        t, load = _side_by_side({"ours": ours, "official": theirs,
+                                 "ours_forward_chunk": lambda: jax.block_until_ready(_forward(model, batch))},
+                                repeats, monitor, warm=("ours", "ours_forward_chunk"))
     ours_res, official = ours(), theirs()
     curve_diff = max(float(np.abs(ours_res.deletion_curves - official["del"].T).max()),
                      float(np.abs(ours_res.insertion_curves - official["ins"].T).max()))
@@ -301,15 +322,33 @@ def _metric_part(torch, model, tmodel, size, n, chunk, repeats) -> dict:
            "ours_s_per_image": t["ours"] / n, "official_s_per_image": t["official"] / n,
            "speedup": t["official"] / t["ours"], "ours_forward_ms_per_image_at_chunk": 1e3 * forward_per_image,
            "efficiency_vs_bare_forwards": forwards * forward_per_image / (t["ours"] / n),
-           "max_abs_curve_diff_vs_official": curve_diff}
+           "max_abs_curve_diff_vs_official": curve_diff, "load": load}
     print(f"metric ({n} maps, batch {n}): ours {row['ours_s_per_image']:.2f} s/image (chunk {chunk}), official loop "
           f"{row['official_s_per_image']:.2f} s/image (x{row['speedup']:.2f}); our efficiency vs bare forwards "
           f"{row['efficiency_vs_bare_forwards']:.2f} ({forwards} forwards at "
-          f"{row['ours_forward_ms_per_image_at_chunk']:.1f} ms/image); max curve diff {curve_diff:.1e}", flush=True)
+          f"{row['ours_forward_ms_per_image_at_chunk']:.1f} ms/image); max curve diff {curve_diff:.1e}"
+          f"{not_idle_note(load)}", flush=True)
     return row
 
 
+def _summary(monitor: RoundMonitor, own_load: float) -> dict:
+    """The whole run's load verdict, printed last."""
+    total = monitor.summary()
+    verdict = {"idle": total["idle"], "not_idle_rounds": total["not_idle_rounds"], "rounds": len(monitor.rounds),
+               "own_expected_load": own_load, "rule": IDLE_RULE}
+    if total["idle"]:
+        print(f"vs-torch: the machine was idle in all {len(monitor.rounds)} timed rounds (load recorded in the "
+              f"JSON): these figures may go into the README's and docs' tables", flush=True)
+    else:
+        print(f"vs-torch: the machine was NOT IDLE in {total['not_idle_rounds']} of {len(monitor.rounds)} timed "
+              f"rounds (lines marked [NOT IDLE]): a figure taken under load must not go into the README's or "
+              f"docs' tables; rerun on an idle machine", flush=True)
+    return verdict
+
+
 def run(args) -> dict:
+    if args.size is not None and len(args.size) != 1:
+        refuse(f"--size: vs-torch takes one image side, got {','.join(map(str, args.size))}")
     try:
         import efficientnet_lite_pytorch  # noqa: F401
         import torch
@@ -319,23 +358,27 @@ def run(args) -> dict:
         return {"skipped": message}
     torch.set_num_threads(args.threads)
     quick = args.quick
-    size = args.size or (64 if quick else 224)
+    size = args.size[0] if args.size else (64 if quick else 224)
     repeats = args.repeats or (1 if quick else 3)
     settings = {"spatial_range": args.spatial_range, "max_iter": args.max_iter or (2 if quick else 10),
                 "sampling_times": args.sampling_times or (2 if quick else 6)}
+    # While a round runs, XLA:CPU keeps every core this process may use busy, PyTorch its threads.
+    own_load = float(max(available_cpus(), args.threads))
+    monitor = RoundMonitor(own_load)
     model, tmodel = load_model("efficientnet_lite0"), _torch_lite0(torch)
     out = {"torch": torch.__version__, "torch_threads": torch.get_num_threads(),
            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "image_size": size,
            "repeats": repeats, "load_average_1min_start": os.getloadavg()[0]}
     if "lite0" in args.parts:
         out["lite0"] = _lite0_part(torch, model, tmodel, size, args.lite0_batch or ([1, 2] if quick else [1, 8, 48]),
-                                   repeats)
+                                   repeats, monitor)
     if "la" in args.parts:
         out["la"] = {**settings, "run_chunk": args.run_chunk,
                      "rows": _la_part(torch, model, tmodel, size, args.la_batch or ([1] if quick else [1, 8]),
-                                      settings, args.run_chunk, repeats)}
+                                      settings, args.run_chunk, repeats, monitor)}
     if "metric" in args.parts:
         out["metric"] = _metric_part(torch, model, tmodel, size, args.metric_images or (2 if quick else 8),
-                                     args.metric_chunk, repeats)
+                                     args.metric_chunk, repeats, monitor)
     out["load_average_1min_end"] = os.getloadavg()[0]
+    out["machine_idle"] = _summary(monitor, own_load)
     return json.loads(json.dumps(out, default=float))

@@ -21,6 +21,7 @@ OUT=${OUT:-results/benchmarks/gpu}
 MODES=${MODES:-float32 float32_fast}
 MAX_ITER=${MAX_ITER:-30}
 SAMPLING_TIMES=${SAMPLING_TIMES:-20}
+# The batch and chunk lists: separated by spaces or commas.
 LITE0_BATCHES=${LITE0_BATCHES:-1 8 32}
 RESNET_BATCHES=${RESNET_BATCHES:-1 8}     # K=20 runs x batch 8 = 160 ResNet-50 gradients per step
 METRIC_IMAGES=${METRIC_IMAGES:-64}
@@ -31,17 +32,14 @@ started=$(date +%s)
 for mode in $MODES; do
   mkdir -p "$OUT/$mode"
   echo "== precision $mode"
-  # shellcheck disable=SC2086  # the batch and chunk lists are meant to split
-  python scripts/benchmark.py --precision "$mode" --json "$OUT/$mode/la_paper_efficientnet_lite0.json" \
-    la --model efficientnet_lite0 --max-iter "$MAX_ITER" --sampling-times "$SAMPLING_TIMES" \
-    --batch $LITE0_BATCHES --repeats "$REPEATS"
-  # shellcheck disable=SC2086
-  python scripts/benchmark.py --precision "$mode" --json "$OUT/$mode/la_paper_resnet50_random.json" \
-    la --model resnet50 --random-weights --max-iter "$MAX_ITER" --sampling-times "$SAMPLING_TIMES" \
-    --batch $RESNET_BATCHES --repeats "$REPEATS"
-  # shellcheck disable=SC2086
-  python scripts/benchmark.py --precision "$mode" --json "$OUT/$mode/metric_efficientnet_lite0.json" \
-    metrics --images "$METRIC_IMAGES" --protocol la rise --chunk $METRIC_CHUNK --repeats "$REPEATS"
+  python scripts/benchmark.py --precision="$mode" --json="$OUT/$mode/la_paper_efficientnet_lite0.json" \
+    la --model=efficientnet_lite0 --max_iter="$MAX_ITER" --sampling_times="$SAMPLING_TIMES" \
+    --batch="${LITE0_BATCHES// /,}" --repeats="$REPEATS"
+  python scripts/benchmark.py --precision="$mode" --json="$OUT/$mode/la_paper_resnet50_random.json" \
+    la --model=resnet50 --random_weights --max_iter="$MAX_ITER" --sampling_times="$SAMPLING_TIMES" \
+    --batch="${RESNET_BATCHES// /,}" --repeats="$REPEATS"
+  python scripts/benchmark.py --precision="$mode" --json="$OUT/$mode/metric_efficientnet_lite0.json" \
+    metrics --images="$METRIC_IMAGES" --protocol=la,rise --chunk="${METRIC_CHUNK// /,}" --repeats="$REPEATS"
 done
 if [[ " $MODES " == *" float32 "* && " $MODES " == *" float32_fast "* ]]; then
   python scripts/precision_cost.py "$OUT"

@@ -12,11 +12,12 @@ that fidelity costs on the machine at hand (on a CPU the two modes run the same 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pathlib
 import sys
+
+from absl import app, flags
 
 FULL, FAST = "float32", "float32_fast"
 # component -> (the fields naming a row, the throughput field)
@@ -31,6 +32,13 @@ def _rows(data: dict) -> dict[tuple, float]:
         for row in (data.get(component) or {}).get(rows_key, []):
             found[(component, *(row[k] for k in identity))] = float(row[throughput])
     return found
+
+
+def _device(environment: dict):
+    """The device kind: ``environment["device"]`` is ``la_iprop.runs.environment.device()``'s record
+    (older JSON: the kind itself)."""
+    device = environment.get("device")
+    return device.get("kind") if isinstance(device, dict) else device
 
 
 def compare(out: str | os.PathLike) -> list[dict]:
@@ -52,24 +60,35 @@ def compare(out: str | os.PathLike) -> list[dict]:
             table.append({"part": full_path.stem, "component": key[0], "row": list(key[1:]),
                           "images_per_s_float32": full_rows[key], "images_per_s_float32_fast": fast_rows[key],
                           "slowdown": fast_rows[key] / full_rows[key],
-                          "device": full.get("environment", {}).get("device")})
+                          "device": _device(full.get("environment", {}))})
     return table
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("out", help="gpu_benchmark.sh's OUT (holding float32/ and float32_fast/)")
-    args = parser.parse_args(argv)
-    table = compare(args.out)
+def _parse(argv: list[str]) -> list[str]:
+    """absl's parsing (no flags of its own); a bad flag, or anything but one OUT, is one line on stderr."""
+    try:
+        rest = flags.FLAGS(argv)
+    except flags.Error as err:
+        sys.exit(f"{os.path.basename(argv[0])}: error: {' '.join(str(err).split())}")
+    if len(rest) != 2:
+        sys.exit(f"{os.path.basename(argv[0])}: error: give one OUT, gpu_benchmark.sh's (holding float32/ and "
+                 f"float32_fast/), got {len(rest) - 1} argument(s)")
+    return rest
+
+
+def main(argv: list[str]) -> int:
+    """``argv``: the program and OUT, gpu_benchmark.sh's OUT (holding float32/ and float32_fast/)."""
+    out = argv[1]
+    table = compare(out)
     if not table:
-        print(f"no row measured in both modes under {args.out}", file=sys.stderr)
+        print(f"no row measured in both modes under {out}", file=sys.stderr)
         return 1
     print(f"{'part':36s} {'row':16s} {'float32 img/s':>14s} {'fast img/s':>12s} {'slowdown':>9s}")
     for entry in table:
         row = " ".join(str(v) for v in entry["row"])
         print(f"{entry['part']:36s} {row:16s} {entry['images_per_s_float32']:14.3f} "
               f"{entry['images_per_s_float32_fast']:12.3f} {entry['slowdown']:8.2f}x")
-    target = pathlib.Path(args.out) / "precision_cost.json"
+    target = pathlib.Path(out) / "precision_cost.json"
     tmp = target.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(table, indent=2))
     os.replace(tmp, target)
@@ -78,4 +97,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    app.run(main, flags_parser=_parse)

@@ -13,7 +13,6 @@ checkpoint on the same preprocessed arrays and also reports how many predictions
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -24,10 +23,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
 
-from la_iprop.runs.store import write_json  # noqa: E402
 from la_iprop.data import open_source  # noqa: E402
 from la_iprop.models import available_models, load_model  # noqa: E402
+from la_iprop.runs.store import write_json  # noqa: E402
 
 DEFAULT_DATA = "la1000:" + os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir,
                                                           os.pardir, "shared", "data", "la1000"))
@@ -57,18 +57,34 @@ def _torch_reference(name: str, weights: str | None, input_size: int, threads: i
     return logits
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="efficientnet_lite0", choices=available_models())
-    parser.add_argument("--weights", default=None, help="checkpoint (default: the model's embedded/cached one)")
-    parser.add_argument("--data", default=DEFAULT_DATA, help="labelled image source (default: la1000)")
-    parser.add_argument("--num_images", type=int, default=None, help="first N images (default: all)")
-    parser.add_argument("--batch_size", type=int, default=50)
-    parser.add_argument("--torch", action="store_true", help="also the PyTorch reference (EfficientNet-Lite)")
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for --torch")
-    parser.add_argument("--json", default=None, help="write the figures to this JSON file")
-    args = parser.parse_args(argv)
+FLAGS = flags.FLAGS
 
+
+def define_flags() -> None:
+    flags.DEFINE_enum("model", "efficientnet_lite0", available_models(), "Registered model name.")
+    flags.DEFINE_string("weights", None, "Checkpoint (default: the model's embedded/cached one).")
+    flags.DEFINE_string("data", DEFAULT_DATA, "Labelled image source (default: la1000).")
+    flags.DEFINE_integer("num_images", None, "First N images (default: all).", lower_bound=1)
+    flags.DEFINE_integer("batch_size", 50, "Images per forward.", lower_bound=1)
+    flags.DEFINE_bool("torch", False, "Also the PyTorch reference (EfficientNet-Lite).")
+    flags.DEFINE_integer("threads", 2, "torch.set_num_threads for --torch.", lower_bound=1)
+    flags.DEFINE_string("json", None, "Write the figures to this JSON file.")
+
+
+def _parse(argv: list[str]) -> list[str]:
+    """absl's parsing; a bad flag or a stray argument is one line on stderr, exit status 1."""
+    try:
+        rest = FLAGS(argv)
+    except flags.Error as err:
+        sys.exit(f"{os.path.basename(argv[0])}: error: {' '.join(str(err).split())}")
+    if len(rest) > 1:
+        sys.exit(f"{os.path.basename(argv[0])}: error: unexpected argument(s) {' '.join(rest[1:])} (flags only)")
+    return rest
+
+
+def main(argv) -> int:
+    del argv
+    args = FLAGS
     model = load_model(args.model, args.weights)
     source = open_source(args.data, size=model.input_size)
     total = min(args.num_images or len(source), len(source))
@@ -110,4 +126,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    define_flags()
+    app.run(main, flags_parser=_parse)
