@@ -37,9 +37,9 @@ def main(argv):
     del argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     from la_iprop.runs import ConfigError
-    from la_iprop.runs.engine import report_interim, run
+    from la_iprop.runs.engine import run
     from la_iprop.runs.store import atomic_write, copy_file
-    from la_iprop.studies.la_ablations import study_config, write_report
+    from la_iprop.studies.la_ablations import study_config, write_interim_section, write_report
 
     study = FLAGS.config.to_dict()
     name, reproduction, variants, questions, order = (study.pop(k) for k in STUDY_KEYS)
@@ -49,11 +49,14 @@ def main(argv):
     if not FLAGS.report_only:
         try:
             config = study_config(study, variants, str(pathlib.Path(FLAGS.runs_dir) / f"la_ablations_{name}"))
-            report_interim(config) if FLAGS.interim else run(config, progress=FLAGS.progress)
+            if FLAGS.interim:  # computes nothing: the variants' finished batches, read from the run's store
+                write_interim_section(config, section)
+            else:
+                run(config, progress=FLAGS.progress)
+                for file in ("results.csv", "summary.json"):
+                    copy_file(pathlib.Path(config.out) / file, section / file)
         except (ConfigError, ValueError, RuntimeError) as err:
             shared.refuse(err)
-        for file in ("results.csv", "summary.json"):
-            copy_file(pathlib.Path(config.out) / file, section / file)
         command = "python -m experiments.la_ablations " + " ".join(
             shlex.quote(a) for a in sys.argv[1:] if a not in ("--interim", "--interim=true"))
         atomic_write(section / "command.txt", lambda f: f.write(command + "\n"))

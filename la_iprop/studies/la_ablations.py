@@ -19,6 +19,7 @@ and ``summary.json`` (copied next to the report), so the report is regenerated w
 from __future__ import annotations
 
 import csv
+import io
 import json
 import pathlib
 from typing import Any, Mapping, Sequence
@@ -31,7 +32,8 @@ from la_iprop.runs.config import VARIANT_SEPARATOR, RunConfig
 from la_iprop.runs.store import atomic_write
 from la_iprop.studies.reproduction import read_scores
 
-__all__ = ["DEFAULT", "study_config", "read_study", "question_tables", "write_report", "seed_spread"]
+__all__ = ["DEFAULT", "study_config", "read_study", "question_tables", "write_report", "seed_spread",
+           "write_interim_section"]
 
 DEFAULT = "la"  # the default variant: LA at the run's settings, no override
 VERDICT_WORDS = {"holds": "better", "does not hold": "worse", "inconclusive": "inconclusive"}
@@ -62,6 +64,39 @@ def read_study(section: pathlib.Path) -> tuple[dict[str, dict[str, Scores]], dic
     summary = json.loads((section / "summary.json").read_text())
     resolved = summary["resolved"]["methods"]
     return scores, {v: float(np.median(s)) for v, s in seconds.items()}, resolved
+
+
+def write_interim_section(config: RunConfig, section: pathlib.Path) -> dict:
+    """The section of a run still in progress, read from its store: the per-image scores of every
+    variant with finished batches under every protocol (each variant is compared with the default on
+    the images both have, so a variant that has finished fewer batches is compared on fewer images)."""
+    from la_iprop.runs.environment import device
+    from la_iprop.runs.store import load_records
+
+    rows, counts = [], {}
+    for variant in config.methods:
+        records = {p: load_records(config.out, variant, p) for p in config.protocols}
+        if any(r is None for r in records.values()):
+            continue
+        shared = set.intersection(*(set(r["index"].tolist()) for r in records.values()))
+        counts[variant] = len(shared)
+        for protocol, r in records.items():
+            for i, index in enumerate(r["index"].tolist()):
+                if index in shared:
+                    rows.append([protocol, variant, index, r["insertion"][i], r["deletion"][i], r["seconds"][i]])
+    if DEFAULT not in counts:
+        raise RuntimeError(f"no batch of the default variant {DEFAULT!r} is finished in {config.out} yet")
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["protocol", "method", "index", "insertion", "deletion", "seconds"])
+    writer.writerows(rows)
+    atomic_write(section / "results.csv", lambda f: f.write(buffer.getvalue()))
+    fields = {k: getattr(config, k) for k in ("model", "data", "start", "stride", "settings", "seed")}
+    summary = {"flags": fields, "precision": config.precision, "protocols": list(config.protocols),
+               "resolved": config.resolved(), "device": device(),
+               "interim": {"images": counts[DEFAULT], "of": config.num_images, "finished": counts}}
+    atomic_write(section / "summary.json", lambda f: json.dump(summary, f, indent=2, default=str))
+    return summary
 
 
 def model_passes(hparams: Mapping[str, Any]) -> int:
@@ -220,12 +255,18 @@ def write_report(results_dir: pathlib.Path, name: str, questions: Mapping[str, S
         f"`{summary['flags']['settings']}`, seed {summary['flags']['seed']}, precision `{summary['precision']}`, "
         f"protocols {', '.join('`' + p + '`' for p in summary['protocols'])}; device {device.get('kind')} "
         f"({device.get('backend')}). Seconds per image: the median attribution time on that device; passes: "
-        "forward + input-only backward passes of the model per image (`la_cost`).",
+        "forward + input-only backward passes of the model per image (`la_cost`). The seconds are wall-clock "
+        "time on a machine that may have run other jobs at the same time (a background study is niced): the "
+        "passes are the cost figure that does not depend on the load.",
         "",
     ]
     if interim:
-        lines += [f"**Interim report**: {interim['images']} of {interim['of']} images are finished for every "
-                  "variant and protocol; the run continues (rerun the command to resume).", ""]
+        finished = interim.get("finished", {})
+        lines += [f"**Interim report** of a run in progress: the default `la` has {interim['images']} of "
+                  f"{interim['of']} images; " + (", ".join(f"`{v}` {n}" for v, n in finished.items() if v != DEFAULT)
+                                                  or "no other variant has finished a batch yet")
+                  + " (variants not listed have none yet). Each variant is compared with the default on the "
+                  "images both have; the run continues (rerun the command to resume).", ""]
     spread = seed_spread(results_dir / "reproduction" / reproduction) if reproduction else {}
     if spread:
         lines += ["LA's seed-to-seed spread at the default settings (mean ins − del of seeds "
