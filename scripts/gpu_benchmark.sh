@@ -8,10 +8,11 @@
 # the library's default) and "float32_fast" (the backend's fast mode: TF32 on NVIDIA Ampere/Hopper,
 # bfloat16 passes on TPU). JSON per part and mode in $OUT/<mode>/; scripts/precision_cost.py then prints
 # images/s per mode and the slowdown of full float32 (also in $OUT/precision_cost.json).
-# Sizing: one mode was about 6-8 minutes of H100/H200 time including compilation (estimate from the
-# H100 figures in docs/performance.md: LA 36.7 images/s at T=10, K=6 on Lite0, so about a tenth of that at the paper's
-# T=30, K=20); two modes about twice that. Under a tighter budget, e.g.
-#     LITE0_BATCHES=32 RESNET_BATCHES=8 METRIC_CHUNK=256 REPEATS=1 bash scripts/gpu_benchmark.sh
+# Sizing: the defaults aim at about 9 minutes of H100/H200 time for both modes, compilation included
+# (estimate from the H100 figures in docs/performance.md: LA 36.7 images/s at T=10, K=6 on Lite0, so
+# about a tenth of that at the paper's T=30, K=20; the earlier one-mode run with batches 1 8 32, ResNet
+# 1 8, chunks 64 256 took 6-8 minutes). With time to spare: LITE0_BATCHES="1 8 32" RESNET_BATCHES="1 8"
+# METRIC_CHUNK="64 256"; under a tighter budget: MODES=float32 or REPEATS=1.
 # Tiny CPU check (a CPU runs the same program in both modes: its "slowdowns" are timing noise around 1):
 #     MAX_ITER=1 SAMPLING_TIMES=2 LITE0_BATCHES=1 RESNET_BATCHES=1 METRIC_IMAGES=1 \
 #     METRIC_CHUNK=8 REPEATS=1 OUT=/tmp/gpu_bench bash scripts/gpu_benchmark.sh
@@ -22,10 +23,10 @@ MODES=${MODES:-float32 float32_fast}
 MAX_ITER=${MAX_ITER:-30}
 SAMPLING_TIMES=${SAMPLING_TIMES:-20}
 # The batch and chunk lists: separated by spaces or commas.
-LITE0_BATCHES=${LITE0_BATCHES:-1 8 32}
-RESNET_BATCHES=${RESNET_BATCHES:-1 8}     # K=20 runs x batch 8 = 160 ResNet-50 gradients per step
+LITE0_BATCHES=${LITE0_BATCHES:-1 32}
+RESNET_BATCHES=${RESNET_BATCHES:-8}       # K=20 runs x batch 8 = 160 ResNet-50 gradients per step
 METRIC_IMAGES=${METRIC_IMAGES:-64}
-METRIC_CHUNK=${METRIC_CHUNK:-64 256}
+METRIC_CHUNK=${METRIC_CHUNK:-256}
 REPEATS=${REPEATS:-2}
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$OUT/jax_compilation_cache}
 started=$(date +%s)

@@ -27,6 +27,7 @@ from absl import app, flags  # noqa: E402
 
 from la_iprop.data import open_source  # noqa: E402
 from la_iprop.models import available_models, load_model  # noqa: E402
+from la_iprop.precision import precision_scope  # noqa: E402
 from la_iprop.runs.store import write_json  # noqa: E402
 
 DEFAULT_DATA = "la1000:" + os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir,
@@ -98,7 +99,8 @@ def main(argv) -> int:
             raise SystemExit(f"{args.data}: images without labels (e.g. {batch.ids[int(np.argmin(batch.labels))]})")
         n = len(batch.labels)
         padded = np.concatenate([batch.images, np.repeat(batch.images[-1:], args.batch_size - n, 0)])
-        logits = np.asarray(forward(model, padded))[:n]   # one compiled shape for every batch
+        with precision_scope("float32"):  # full float32 dots/convolutions on a GPU/TPU too
+            logits = np.asarray(forward(model, padded))[:n]   # one compiled shape for every batch
         ours.append(logits.argmax(-1))
         labels.append(batch.labels)
         if reference is not None:

@@ -8,7 +8,7 @@ with ``images`` NHWC float32 in [0, 1], ``labels`` the classes to explain (None:
 predicted class), ``key`` a ``jax.random`` key and ``attributions.shape ==
 images.shape``. Hyperparameters are static (keyword-only, with defaults).
 
-Every registered method also takes ``precision="float32" | "float64"`` (added by
+Every registered method also takes ``precision="float32" | "float64" | "float32_fast"`` (added by
 :func:`register_method`, see :mod:`la_iprop.precision`): float64 runs the weights, the
 images and the kernel in float64 with JAX's x64 mode scoped to the call.
 """

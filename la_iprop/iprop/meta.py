@@ -162,7 +162,7 @@ def check_iprop_settings(image_shape: Any, *, precision: str | None = None, **hp
     and returns the resolved :class:`~la_iprop.iprop.defaults.IPropConfig`; computes nothing.
 
     ``image_shape``: ``(H, W)``, ``(H, W, 3)`` or ``(B, H, W, 3)``. ``hparams``: as for :func:`iprop`
-    (keywords, ``preset=``, ``config=``). ``precision``: ``"float32"`` (default) or ``"float64"`` (the
+    (keywords, ``preset=``, ``config=``). ``precision``: ``"float32"`` (default), ``"float32_fast"`` or ``"float64"`` (the
     bandwidth limits depend on it). Checked: every hyperparameter's value (``TypeError`` for an unknown
     name), an unknown preset, and for ``gamma > 0`` the image size (``H, W >= 2R+1`` for the window graphs;
     ``K <= H*W - 1`` for ``random_image``) and bandwidths small enough to overflow ``d^2``. The same
@@ -195,7 +195,7 @@ def iprop(images: Any, attributions: Any, *, return_iterations: bool = False, ch
     (:func:`~la_iprop.iprop.graph.pixel_graph`), ``V = r + gamma P V``.
     The per-image kernel is vmapped over chunks of ``chunk_size`` images (None:
     :func:`default_chunk_size`), so each image's result is independent of the others.
-    ``precision``: "float32" (default) or "float64" (x64 scoped to the call, see
+    ``precision``: "float32" (default), "float32_fast" or "float64" (x64 scoped to the call, see
     :mod:`la_iprop.precision`).
     """
     config = resolve_config(**hparams)
