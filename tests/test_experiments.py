@@ -187,8 +187,22 @@ def test_changed_library_default_is_not_resumed(tmp_path):
     stored = json.loads((tmp_path / "run.json").read_text())
     stored["resolved"]["iprop"]["gamma"] = 0.5
     (tmp_path / "run.json").write_text(json.dumps(stored))
-    with pytest.raises(ConfigError, match="different settings \\(resolved\\)"):
+    with pytest.raises(ConfigError, match="different settings \\(resolved\\.iprop\\.gamma\\)"):
         check_identity(tmp_path, config)
+
+
+def test_a_run_from_before_a_new_hyperparameter_says_which_version_resumes_it(tmp_path):
+    """A hyperparameter the library added since a run was made (at a default that may or may not
+    reproduce the old maps) refuses the resume with one line naming it and how to resume the run."""
+    config = RunConfig(methods=("la",), out=str(tmp_path))
+    check_identity(tmp_path, config)
+    stored = json.loads((tmp_path / "run.json").read_text())
+    del stored["resolved"]["methods"]["la"]["strategy"]
+    (tmp_path / "run.json").write_text(json.dumps(stored))
+    with pytest.raises(ConfigError, match="resolved\\.methods\\.la\\.strategy: settings this la_iprop added .*"
+                                          "version that made it") as info:
+        check_identity(tmp_path, config)
+    assert "\n" not in str(info.value)
 
 
 def test_parse_hparams():

@@ -12,11 +12,11 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import os
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["image_hashes", "changed_images", "describe_image_change"]
+__all__ = ["image_hashes", "changed_images", "describe_image_change", "describe_setting_changes"]
 
 
 def _few(names: Sequence[str], limit: int = 3) -> str:
@@ -76,3 +76,26 @@ def changed_images(source, indices: Sequence[int], hashes: Sequence[str] | None)
         return []
     now = image_hashes(source, indices, workers=1)
     return [source.ids[int(i)] for i, old, new in zip(indices, hashes, now, strict=True) if old != new]
+
+
+def describe_setting_changes(old: dict, new: dict, prefix: str = "", limit: int = 4) -> str:
+    """The settings that differ between two identities, by their full names (``resolved.methods.la.strategy``).
+    A name the old one lacks was added by a newer la_iprop (a new hyperparameter at its default): the run
+    was made by an older version, which is the one to resume it with."""
+    added, differ = [], []
+
+    def walk(a: Any, b: Any, path: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(set(a) | set(b)):
+                if key not in a:
+                    added.append(f"{path}{key}")
+                elif a.get(key) != b.get(key):
+                    walk(a.get(key), b.get(key), f"{path}{key}.")
+        else:
+            differ.append(path.rstrip("."))
+
+    walk(old, new, prefix)
+    text = ", ".join((differ + added)[:limit]) + (" ..." if len(differ) + len(added) > limit else "")
+    if added and not differ:
+        text += ": settings this la_iprop added since the run was made (resume it with the version that made it)"
+    return text

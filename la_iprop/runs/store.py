@@ -57,7 +57,13 @@ import numpy as np
 
 from la_iprop.runs.checksums import ALGORITHM, CHECKSUM, read_verified, with_checksum
 from la_iprop.runs.files import atomic_write, copy_file, move_file, write_json
-from la_iprop.runs.fingerprint import _few, changed_images, describe_image_change, image_hashes
+from la_iprop.runs.fingerprint import (
+    _few,
+    changed_images,
+    describe_image_change,
+    describe_setting_changes,
+    image_hashes,
+)
 
 __all__ = ["ConfigError", "FORMAT", "atomic_write", "copy_file", "write_json", "write_npz", "digest", "batch_path",
            "maps_path", "scores_path", "protocol_path", "read_run", "check_run", "run_checksums", "check_protocol",
@@ -146,9 +152,11 @@ def check_run(out: str | os.PathLike, identity: dict) -> str:
             raise ConfigError(f"--data: {identity.get('data')} changed since the run in {out} started: {what}; its "
                               "results would mix two image sets: use another --out (or restore the images)")
         if changed:
-            raise ConfigError(f"--out: {out} holds a run with different settings ({', '.join(changed)}); "
-                              "use another --out or delete it")
+            what = describe_setting_changes(previous, identity)
+            raise ConfigError(f"--out: {out} holds a run with different settings ({what}); use another --out or "
+                              "delete it")
     return digest(identity)
+
 
 
 # Entries of run.json about how the store keeps the run, not what the run is: neither compared nor digested
