@@ -76,6 +76,7 @@ TOY_HPARAMS = {
 # --- registry and calling convention ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", METHODS)
+@pytest.mark.slow
 def test_registered_and_follows_the_calling_convention(name):
     assert name in available_methods()
     spec = get_method(name)
@@ -102,6 +103,7 @@ def test_paper_settings_are_the_defaults():
 
 @in_float64
 @pytest.mark.parametrize("name", METHODS)
+@pytest.mark.slow
 def test_batch_independence_and_key_determinism(name):
     fn, hparams = get_method(name).fn, TOY_HPARAMS[name]
     images = _images(3, seed=2)
@@ -119,6 +121,7 @@ def test_batch_independence_and_key_determinism(name):
 
 
 @in_float64
+@pytest.mark.slow
 def test_chunking_does_not_change_results():
     images = _images(2, seed=3)
     full = agi(TOY, images, None, key=KEY, run_chunk=None, **TOY_HPARAMS["agi"])
@@ -174,6 +177,7 @@ def _agi_reference(model, x0, label, targets, *, epsilon, max_iter, update):
 
 @in_float64
 @pytest.mark.parametrize("update", ["restart", "path"])
+@pytest.mark.slow
 def test_agi_matches_official_loop_and_stays_in_its_box(update):
     images = _images(2, seed=4)
     labels = np.asarray(jnp.argmax(TOY(jnp.asarray(images)), -1))
@@ -252,6 +256,7 @@ def _mfaba_reference(model, x0, label, *, epsilon, max_iter, step_size, use_sign
 
 @in_float64
 @pytest.mark.parametrize("use_sign", [True, False])
+@pytest.mark.slow
 def test_mfaba_matches_official_loop_and_stays_in_its_box(use_sign):
     images = _images(3, seed=7)
     labels = np.asarray(jnp.argmax(TOY(jnp.asarray(images)), -1))
@@ -393,6 +398,7 @@ def test_dct_round_trip_is_exact_and_matches_scipy():
     np.testing.assert_allclose(spectrum_augment(KEY, jnp.asarray(x), 0.0, 0.0), x, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_input_diversity_and_smoothing_match_torch():
     import scipy.stats
     import torch
@@ -459,6 +465,7 @@ def _attexplore_reference(model, x0, label, key, *, epsilon, max_iter, num_sampl
 
 
 @in_float64
+@pytest.mark.slow
 def test_attexplore_matches_official_loop():
     hp = TOY_HPARAMS["attexplore"]
     images = _images(2, seed=15)
@@ -545,6 +552,7 @@ def test_bad_arguments_give_clear_errors(name, kwargs, match):
 
 # --- EfficientNet-Lite0 ----------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_mfaba_on_lite0_stops_at_the_boundary_and_sums_its_path(lite0):
     """Lite0, one la1000 image: the walk is classified as y until it stops at the first misclassified
     iterate, and the map is -sum_t grad p_y(x_t) * (x_{t+1} - x_t) over the steps taken. (A sign step of

@@ -18,6 +18,7 @@ def _toy_logits(seed: int = 0, size: int = 6, classes: int = 5):
     return lambda images: jnp.tanh(images.reshape(images.shape[0], -1) @ w1) @ w2
 
 
+@pytest.mark.slow
 def test_probability_gradients_match_separate_gradients():
     logit_fn = _toy_logits()
     x = jnp.asarray(np.random.default_rng(1).uniform(size=(6, 6, 3)), jnp.float32)

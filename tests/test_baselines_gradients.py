@@ -65,6 +65,7 @@ KEY = jax.random.PRNGKey(0)
 
 
 # ----------------------------------------------------------------------------- closed forms
+@pytest.mark.slow
 def test_linear_closed_forms():
     x = _images(3)
     ones = np.ones(3, np.int32)
@@ -87,6 +88,7 @@ def test_linear_closed_forms():
                                (x - 0.2) * w, rtol=1e-4, atol=1e-8)
 
 
+@pytest.mark.slow
 def test_eg_linear_closed_form():
     x = _images(3)
     ones = np.ones(3, np.int32)
@@ -108,6 +110,7 @@ def test_eg_linear_closed_form():
     np.testing.assert_allclose(implied, (c * refs[0] + (1 - c) * refs[1]).ravel(), atol=1e-3)
 
 
+@pytest.mark.slow
 def test_signed_smoothgrad_with_zero_noise_is_the_gradient(tiny):
     x = _images(2, size=8)
     labels = np.array([1, 3], np.int32)
@@ -252,6 +255,7 @@ def test_registered_with_quick_settings():
 
 
 @pytest.mark.parametrize("name", MINE)
+@pytest.mark.slow
 def test_batch_independence_and_key_determinism(name, tiny):
     # Guided IG's feature selection ranks |grad|: chaotic in float32 (a batch-dependent rounding reorders a
     # near-tie), so it is compared in float64. The others are smooth in the gradients: float32 batch tiling
@@ -282,6 +286,7 @@ def _check_batch_independence_and_key_determinism(name, tiny):
     np.testing.assert_array_equal(_call(name, tiny, x, None, KEY, refs), _call(name, tiny, x, pred, KEY, refs))
 
 
+@pytest.mark.slow
 def test_chunking_does_not_change_results(tiny):
     x = _images(2, size=8, seed=9)
     labels = np.array([3, 1], np.int32)
@@ -330,6 +335,7 @@ def test_bad_hyperparameters(tiny):
 
 
 # ----------------------------------------------------------------------------- real Lite0
+@pytest.mark.slow
 def test_ig_completeness_on_lite0(lite0):
     images, _ = la1000_images([0, 500])
     labels = np.asarray(jnp.argmax(lite0(jnp.asarray(images)), -1))

@@ -25,6 +25,7 @@ def _scripts_on_path():
         sys.path.remove(str(ROOT / "scripts"))
 
 
+@pytest.mark.slow
 def test_quick_benchmark_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run([sys.executable, "scripts/benchmark.py", f"--json={out}", "iprop", "--quick"],
@@ -38,6 +39,7 @@ def test_quick_benchmark_writes_json(tmp_path):
     assert max(data["iprop"]["scipy_reference"]["float32"]["rel_max_diff_vs_jax"].values()) < 1e-4
 
 
+@pytest.mark.slow
 def test_quick_vs_torch_benchmark_runs_side_by_side(tmp_path):
     """``vs-torch --quick``: every part runs and the transcribed official loops give our results."""
     out = tmp_path / "vs_torch.json"
@@ -65,6 +67,7 @@ def test_quick_vs_torch_benchmark_runs_side_by_side(tmp_path):
     assert ("NOT IDLE" in result.stdout) != verdict["idle"]
 
 
+@pytest.mark.slow
 def test_random_weight_models_cover_lite1_and_lite2_at_their_input_size():
     """``models --random-weights`` times every Lite variant at its own input size (240, 260)."""
     with _scripts_on_path():
@@ -77,6 +80,7 @@ def test_random_weight_models_cover_lite1_and_lite2_at_their_input_size():
         assert jax.eval_shape(model, jnp.zeros((2, size, size, 3), jnp.float32)).shape == (2, 1000)
 
 
+@pytest.mark.slow
 def test_subcommand_flags_are_refused_elsewhere():
     """absl flags are global: a flag of another subcommand, or no subcommand, is one line, exit 1."""
     for args, message in ((["la", "--images=3"], "--images: not a flag of la"),

@@ -56,6 +56,7 @@ def hostile(tmp_path_factory):
             "by_name": {c["name"]: c for c in cases}, "directory": directory}
 
 
+@pytest.mark.slow
 def test_there_are_enough_cases_in_every_format(hostile):
     hostile_cases = [c for c in hostile["cases"] if c["expect"] == "error"]
     formats = {prefix: sum(c["name"].startswith(prefix) for c in hostile_cases) for prefix in ("zip", "legacy", "msgpack")}

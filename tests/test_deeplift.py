@@ -86,6 +86,7 @@ def test_closed_form_on_one_hidden_layer():
         assert crossed > 0  # some units switch on/off between x and x0: multipliers differ from gradients
 
 
+@pytest.mark.slow
 def test_summation_to_delta_on_relu_cnn():
     model = _model(ReluCNN(), 10, seed=3)
     x = _images(4, 10, seed=4)
@@ -146,6 +147,7 @@ def test_needs_a_model_with_an_activation_field():
         deeplift(_model(MLP(), 4), x, np.zeros(1, np.int32), baseline=-1.0)
 
 
+@pytest.mark.slow
 def test_summation_to_delta_on_lite0(lite0):
     images, _ = la1000_images([3, 700])
     logits = np.asarray(lite0(jnp.asarray(np.concatenate([images, np.zeros_like(images[:1])]))), np.float64)

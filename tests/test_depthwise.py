@@ -27,6 +27,7 @@ def _forward_and_vjp(impl, x, w, stride, pad, g):
 @pytest.mark.parametrize("kernel", [3, 5])
 @pytest.mark.parametrize("size", [(7, 8), (12, 11), (5, 5)])
 @pytest.mark.parametrize("padding", ["same", "uneven"])
+@pytest.mark.slow
 def test_depthwise_forms_agree_in_float64(stride, kernel, size, padding):
     with jax.enable_x64(True):
         rng = np.random.default_rng(100 * stride + 10 * kernel + size[0])
@@ -79,6 +80,7 @@ def test_impl_choice():
         depthwise_conv(jnp.zeros((1, 4, 4, 2)), jnp.zeros((3, 3, 2)), impl="nope")
 
 
+@pytest.mark.slow
 def test_lite0_logits_and_input_gradient_float64_match_library():
     """Whole Lite0 in float64 on a 68x68 input (odd sizes after the stride-2 stages:
     34, 17, 9, 5, 3): logits and the input gradient of a probability agree with the

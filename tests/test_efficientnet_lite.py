@@ -44,6 +44,7 @@ def test_logits_match_official_reference(lite0, la_reference):
     np.testing.assert_array_equal(ours.argmax(-1), la_reference["predicted"])
 
 
+@pytest.mark.slow
 def test_top1_accuracy_on_la1000(lite0):
     correct = 0
     for start in range(0, 1000, 100):
@@ -54,6 +55,7 @@ def test_top1_accuracy_on_la1000(lite0):
 
 
 @pytest.mark.parametrize("stride,kernel,size", [(1, 3, 9), (2, 3, 10), (2, 5, 11), (1, 5, 8)])
+@pytest.mark.slow
 def test_depthwise_implementations_agree(stride, kernel, size):
     rng = np.random.default_rng(stride * 10 + kernel)
     x = jnp.asarray(rng.normal(size=(2, size, size, 6)), jnp.float32)

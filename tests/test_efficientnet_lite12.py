@@ -68,6 +68,7 @@ def test_registered_with_their_input_size_and_embedded_weights(lites):
 
 
 @pytest.mark.parametrize("name", LITES)
+@pytest.mark.slow
 def test_logits_match_pytorch_reference_float32(lites, name):
     """One la1000 image resized to the model's input size the way runs resize it (``open_source``
     at ``model.input_size``) and one uniform-noise image."""
@@ -86,6 +87,7 @@ def test_logits_match_pytorch_reference_float32(lites, name):
     np.testing.assert_array_equal(ours.argmax(-1), theirs.argmax(-1))
 
 
+@pytest.mark.slow
 def test_float64_logits_and_input_gradient_match_pytorch(lites):
     """Exact parity in float64 on a small odd input (67 -> 34, 17, 9, 5, 3 after the stride-2
     stages; the reference computes its static "SAME" padding for that size). The input gradient

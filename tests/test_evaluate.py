@@ -86,6 +86,7 @@ def layouts_run(tmp_path_factory, torch_maps):
     return path, out, summary
 
 
+@pytest.mark.slow
 def test_outputs_and_scores_equal_direct_evaluate(layouts_run, images, torch_maps, tiny_model):
     from la_iprop.iprop import iprop
     from la_iprop.metrics import evaluate
@@ -248,6 +249,7 @@ def _cli(args):
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_end_to_end_and_one_line_errors(tmp_path, torch_maps):
     path = _save(tmp_path / "captum_maps.npz", ids=np.asarray(IDS), saliency=torch_maps)
     out = tmp_path / "out"

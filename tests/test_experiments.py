@@ -50,6 +50,7 @@ def reference_run(tmp_path_factory):
     return out, summary
 
 
+@pytest.mark.slow
 def test_end_to_end_outputs_are_complete(reference_run):
     out, summary = reference_run
     rows = _rows(out)
@@ -81,6 +82,7 @@ def test_end_to_end_outputs_are_complete(reference_run):
     assert summary["results"]["la"]["sm"] == result
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_csv(reference_run, tmp_path):
     out = tmp_path / "killed"
     args = [*BASE, "--batch_size=2", f"--out={out}"]
@@ -111,6 +113,7 @@ def test_killed_run_resumes_to_the_same_csv(reference_run, tmp_path):
     assert len(_rows(out)) == 4
 
 
+@pytest.mark.slow
 def test_sharded_run_equals_single_device(reference_run_float64, tmp_path):
     """4 devices (one image each) vs one device (batches of 2): other program shapes, so float32 rounding
     differs and sm's near-tied ranks can flip (|Δ AUC| up to 3e-3, results/stability.md). In float64 the
@@ -144,6 +147,7 @@ def test_sharded_run_equals_single_device(reference_run_float64, tmp_path):
     (["--num_images=abc"], "flag --num_images=abc: invalid literal"),
     (["--metod=sm"], "Unknown command line flag 'metod'"),
 ])
+@pytest.mark.slow
 def test_bad_flags_stop_with_one_clear_line(tmp_path, args, message):
     result = _cli(["--method=la", *args, f"--out={tmp_path / 'x'}"] if not args[0].startswith("--method")
                   else [*args, f"--out={tmp_path / 'x'}"], timeout=120)
@@ -213,6 +217,7 @@ def test_parse_hparams():
         parse_hparams("max_iter=3", ("la", "ig"))
 
 
+@pytest.mark.slow
 def test_sweep_runs_cells_and_combines(tmp_path):
     from la_iprop.runs.sweep import run_sweep
     spec = {"methods": ["sm"], "num_images": 2, "batch_size": 2, "seed": 3}
@@ -226,6 +231,7 @@ def test_sweep_runs_cells_and_combines(tmp_path):
         run_sweep({"methods": ["sm"], "bogus": 1}, tmp_path / "b", progress=False)
 
 
+@pytest.mark.slow
 def test_iprop_variant_equals_wrapped_method(tmp_path):
     """METHOD+iprop and METHOD+ctrl reuse METHOD's stored maps; they must equal running
     with_iprop(METHOD) at the defaults and at gamma = 0."""

@@ -239,6 +239,7 @@ def test_rgb_to_lab_matches_skimage():
 
 # --------------------------------------------------------------------------------------------- meta-method
 
+@pytest.mark.slow
 def test_batch_equals_per_image():
     images = np.stack([_random_image((24, 20), seed=s) for s in range(3)])
     attributions = np.random.default_rng(9).standard_normal(images.shape).astype(np.float32)
@@ -269,6 +270,7 @@ def test_batch_equals_per_image():
 
 
 @pytest.mark.parametrize("shape", [(224, 224), (48, 80)])
+@pytest.mark.slow
 def test_full_size_and_non_square_fixed_point(shape):
     h, w = shape
     image = _random_image(shape, seed=10)[None]
@@ -290,6 +292,7 @@ def test_full_size_and_non_square_fixed_point(shape):
     assert residual <= 1e-4 * np.max(np.abs(r))
 
 
+@pytest.mark.slow
 def test_with_iprop_wraps_any_method():
     def grad_method(logit_fn, images, labels, *, key=None, scale=1.0):
         return scale * jax.grad(lambda x: jnp.sum(logit_fn(x)[:, 0]))(images)

@@ -67,6 +67,7 @@ def _check_edges(graph, h, w, k, radius=None):
 @pytest.mark.parametrize("graph,shape,k,radius", [("random_window", (9, 13), 8, 1), ("random_window", (16, 11), 5, 2),
                                                   ("random_window", (7, 7), 48, 3), ("random_image", (9, 13), 8, 1),
                                                   ("random_image", (5, 6), 29, 2), ("random_image", (12, 10), 40, 1)])
+@pytest.mark.slow
 def test_random_graph_structure(graph, shape, k, radius):
     h, w = shape
     g = random_graph(_image(shape, seed=k), graph=graph, k=k, radius=radius, graph_seed=3)
@@ -235,6 +236,7 @@ _SETTINGS = [dict(graph="knn"), dict(graph="knn", similarity="spatial"), dict(gr
 
 
 @pytest.mark.parametrize("settings", _SETTINGS, ids=lambda s: "-".join(f"{v}" for v in s.values()))
+@pytest.mark.slow
 def test_float64_fixed_point_equals_the_dense_solve(settings):
     h, w, gamma = 12, 14, 0.9
     images = np.stack([_image((h, w), seed=s) for s in range(2)])
@@ -259,6 +261,7 @@ def test_float64_fixed_point_equals_the_dense_solve(settings):
 
 
 @pytest.mark.parametrize("graph", ["random_window", "random_image"])
+@pytest.mark.slow
 def test_random_graph_results_do_not_depend_on_the_batch(graph):
     images = np.stack([_image((10, 12), seed=s) for s in range(3)])
     attributions = np.random.default_rng(7).standard_normal(images.shape).astype(np.float32)
@@ -407,6 +410,7 @@ _SIZE_CASES = [   # (image shape, settings) that are wrong for that size, or rig
 
 
 @pytest.mark.parametrize("shape,hp", _SIZE_CASES, ids=lambda v: str(v)[:40])
+@pytest.mark.slow
 def test_check_iprop_settings_agrees_with_iprop(shape, hp):
     def outcome(call):
         try:
@@ -447,6 +451,7 @@ def test_check_iprop_settings_arguments():
 
 # ------------------------------------------------------------------------------------------ magnitudes (issue 29)
 
+@pytest.mark.slow
 def test_maps_that_overflow_iprop_are_one_line_errors_naming_attributions():
     images = np.stack([_image((8, 8), seed=s) for s in range(2)])
     small = np.random.default_rng(10).standard_normal(images.shape).astype(np.float32)

@@ -157,6 +157,7 @@ def _naive_la(x0, label, targets, *, spatial_range, max_iter, update, step_size)
 
 @in_float64
 @pytest.mark.parametrize("update,step_size", [("restart", 1.0), ("pgd", 0.3)])
+@pytest.mark.slow
 def test_matches_plain_loops_on_toy_model(update, step_size):
     images = _toy_images(2)
     labels = np.array([3, 9])
@@ -193,6 +194,7 @@ def test_labels_none_explains_prediction():
 
 
 @pytest.mark.parametrize("update", ["restart", "pgd"])
+@pytest.mark.slow
 def test_zero_pixels_get_zero_attribution(update):
     images = _toy_images(2)
     images[0, 1, 2, :] = 0.0   # a black pixel
@@ -227,6 +229,7 @@ def test_iterates_stay_in_box_and_unit_interval(update):
 
 
 @in_float64
+@pytest.mark.slow
 def test_batch_independence():
     images = _toy_images(4, seed=3)
     targets = np.array([[1, 2, 3], [4, 5, 6], [7, 8, 9], [0, 2, 4]])
@@ -243,6 +246,7 @@ def test_batch_independence():
 
 
 @in_float64
+@pytest.mark.slow
 def test_chunked_equals_unchunked():
     images = _toy_images(2)
     kwargs = dict(key=jax.random.PRNGKey(5), max_iter=3, sampling_times=5)

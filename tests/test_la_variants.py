@@ -81,6 +81,7 @@ WALKS = [("restart", 1.0, "box"), ("pgd", 0.4, "box"), ("pgd", 0.4, "none")]
 @in_float64
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("update,step_size,constraint", WALKS)
+@pytest.mark.slow
 def test_matches_plain_loops_in_float64(strategy, update, step_size, constraint):
     images = _images(2)
     labels = np.array([2, 6])
@@ -116,6 +117,7 @@ def test_untargeted_is_one_run_times_k():
 
 
 @in_float64
+@pytest.mark.slow
 def test_targeted_runs_are_mixed_runs_without_the_untargeted_one():
     images = _images(1, seed=5)
     targets = np.array([1, 3, 4])
@@ -132,6 +134,7 @@ def test_targeted_runs_are_mixed_runs_without_the_untargeted_one():
 
 @in_float64
 @pytest.mark.parametrize("strategy", ["mixed", "untargeted"])  # targeted: in the plain-loop test
+@pytest.mark.slow
 def test_no_constraint_is_the_box_walk_until_it_leaves_the_box(strategy):
     images = _images(2, seed=6)
     common = dict(key=jax.random.PRNGKey(0), spatial_range=5.0, sampling_times=3, update="pgd", strategy=strategy)
@@ -187,6 +190,7 @@ def _counted(logit_fn):
     ("targeted", 3, 4, "pgd", "box", None), ("targeted", 2, 3, "restart", "box", 2),
     ("untargeted", 3, 4, "restart", "box", None), ("untargeted", 4, 2, "pgd", "none", 3),
 ])
+@pytest.mark.slow
 def test_la_cost_counts_the_model_passes(strategy, t, k, update, constraint, chunk):
     model, counts = _counted(MODEL)
     batch = 2

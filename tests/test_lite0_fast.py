@@ -21,6 +21,7 @@ def _random_variables(module, key, shape):
     return jax.tree_util.tree_unflatten(tree, leaves)
 
 
+@pytest.mark.slow
 def test_pointwise_matmul_same_parameter_tree():
     shape = (1, 40, 40, 3)
     matmul = EfficientNetLite0(num_classes=10).init(jax.random.PRNGKey(0), jnp.zeros(shape))
@@ -30,6 +31,7 @@ def test_pointwise_matmul_same_parameter_tree():
         assert a.shape == b.shape and a.dtype == b.dtype
 
 
+@pytest.mark.slow
 def test_pointwise_matmul_matches_conv_float64():
     module = EfficientNetLite0(num_classes=10)
     reference = module.clone(pointwise="conv")

@@ -227,6 +227,7 @@ def _nhwc(array, like_shape):
     raise AssertionError(f"torch output {array.shape} does not match Flax {tuple(like_shape)}")
 
 
+@pytest.mark.slow
 def test_logits_match(flax_run, torch_run):
     ref = torch_run["logits"]
     scale = np.abs(ref).max()
@@ -256,6 +257,7 @@ def test_every_layer_matches(pair, flax_run, torch_run):
     assert errors[worst] <= 1e-4, f"{worst}: relative error {errors[worst]:.2e}"
 
 
+@pytest.mark.slow
 def test_input_gradients_match(pair, inputs, flax_run, torch_run):
     """d logit_y / d image: exact in float64; in float32 as accurate as torch's own float32."""
     _, labels = inputs
@@ -314,6 +316,7 @@ def test_missing_and_unexpected_tensors_are_named(pair):
 
 
 @pytest.mark.parametrize("pair", ["resnet50"], indirect=True)  # one architecture is enough for the format
+@pytest.mark.slow
 def test_flax_checkpoint_roundtrip(pair, tmp_path):
     """scripts/convert_weights.py writes a .msgpack that loads to the same variables."""
     out = tmp_path / "resnet50.msgpack"
@@ -391,6 +394,7 @@ def _pool_and_grad(pool, x, weights):
 
 
 @pytest.mark.parametrize("ceil_mode", [False, True])
+@pytest.mark.slow
 def test_pooling_matches_torch(ceil_mode):
     """max/avg pooling (sizes, padding, ceil mode, divisors) and adaptive pooling vs torch.nn.functional;
     max-pool derivatives go to the first maximal element of a window, ties included."""

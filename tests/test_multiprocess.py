@@ -266,6 +266,7 @@ def test_processes_arriving_far_apart_pass_the_barriers(tmp_path):
     (["--coordinator_address=127.0.0.1:1", "--num_processes=2", "--process_id=2"], "process_id < num_processes"),
     (["--num_processes=0"], "--num_processes=0: 0 is not a positive integer"),
 ])
+@pytest.mark.slow
 def test_bad_distributed_flags_are_one_line(args, message, tmp_path):
     _assert_one_line_error(_run_imagenet_sm(tmp_path, *args), message)
     assert not (tmp_path / "x").exists()
@@ -282,6 +283,7 @@ def _assert_one_line_error(result: subprocess.CompletedProcess, message: str) ->
     assert result.stderr.strip().startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_unreachable_coordinator_and_busy_port_are_one_line(tmp_path):
     """jax 0.10.2 aborts a process whose coordinator never answers (a C++ check failure with a stack
     trace, after --initialization_timeout) and segfaults process 0 when the coordinator's port is in

@@ -142,6 +142,7 @@ def test_gradient_method_precision_on_accelerators(method, hparams, precision, l
 
 
 @pytest.mark.parametrize("precision", FLOAT32_MODES)
+@pytest.mark.slow
 def test_la_step_precision_on_accelerators(precision, lite0_abstract):
     def explain(model, images, labels):
         return get_method("la").fn(model, images, labels, key=jax.random.PRNGKey(0), max_iter=2, sampling_times=2,

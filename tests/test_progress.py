@@ -88,6 +88,7 @@ class _FakeBar:
         pass
 
 
+@pytest.mark.slow
 def test_progress_moves_within_the_first_batch_and_logs_each_batch(tmp_path, monkeypatch, caplog):
     """sm on 4 images in batches of 2, protocol la with 5 steps: the bar advances per stage and per scored
     chunk before batch 0 is written; --progress=false logs one line per batch; the scores are the same."""

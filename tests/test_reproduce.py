@@ -6,6 +6,7 @@ import csv
 import json
 
 import numpy as np
+import pytest
 
 from la_iprop.studies.reproduction import read_scores, write_report
 
@@ -87,6 +88,7 @@ def test_read_scores_sorts_by_image_and_splits_protocols(tmp_path):
     np.testing.assert_allclose(scores["rise"]["sm"].insertion, ins[::-1])
 
 
+@pytest.mark.slow
 def test_interim_report_keeps_the_images_finished_everywhere(tmp_path):
     """``--interim``: a run in progress is reported on the images finished for every variant under
     every protocol, with the same per-image scores as the finished run, and marked interim."""

@@ -66,6 +66,7 @@ def _csv(out) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- attributions once, metrics many
+@pytest.mark.slow
 def test_adding_a_protocol_scores_the_stored_maps_and_computes_no_map(tmp_path, counted):
     from la_iprop.runs.engine import run
     from la_iprop.runs.store import load_records
@@ -176,6 +177,7 @@ def _files(out: pathlib.Path) -> dict[str, int]:
     return {str(p.relative_to(out)): p.stat().st_mtime_ns for p in sorted(out.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_an_added_or_changed_image_is_another_run(tmp_path):
     from la_iprop.runs.engine import run
     from la_iprop.runs.store import ConfigError
@@ -265,6 +267,7 @@ def test_a_refused_flag_writes_nothing_and_the_corrected_command_runs(tmp_path):
 
 
 # ----------------------------------------------------------------------------- checked batch files
+@pytest.mark.slow
 def test_bad_batch_files_are_moved_aside_and_recomputed(tmp_path, counted):
     from la_iprop.runs.checksums import with_checksum
     from la_iprop.runs.engine import run

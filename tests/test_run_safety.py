@@ -297,6 +297,7 @@ def test_late_checks_come_before_run_json_and_the_corrected_command_runs(tmp_pat
     assert not (tmp_path / "absent").exists()
 
 
+@pytest.mark.slow
 def test_after_a_late_refusal_the_corrected_command_runs_in_the_same_folder(tmp_path):
     from la_iprop.runs.engine import run
 
@@ -351,6 +352,7 @@ def _quarantined(out: pathlib.Path) -> list[str]:
     return log.read_text().splitlines() if log.exists() else []
 
 
+@pytest.mark.slow
 def test_a_flipped_byte_in_the_maps_is_quarantined_and_recomputed(tmp_path, counted):
     from la_iprop.runs.engine import run
 
@@ -397,6 +399,7 @@ def test_content_rewritten_under_its_old_checksum_is_found(tmp_path, counted):
     assert _csv(out) == rows
 
 
+@pytest.mark.slow
 def test_a_run_folder_from_before_the_checksums_resumes(tmp_path, counted):
     """Accepted after a full read (the zip's CRC-32), as the store's docstring says; a run.json that
     records checksums requires them."""
@@ -498,6 +501,7 @@ print(json.dumps(results))
 """
 
 
+@pytest.mark.slow
 def test_os_errors_end_as_one_line_naming_the_path(tmp_path):
     cases = [("ENOSPC", "fsync"), ("EROFS", "mkstemp"), ("ENAMETOOLONG", "mkstemp"), ("EACCES", "mkstemp"),
              ("ENOTDIR", "mkstemp"), ("EXDEV", "replace")]
@@ -517,6 +521,7 @@ def test_os_errors_end_as_one_line_naming_the_path(tmp_path):
     assert "no space left on the device" in results[0][1] and "read-only" in results[1][1]
 
 
+@pytest.mark.slow
 def test_cli_refuses_an_unwritable_out_with_one_line_and_status_1(tmp_path):
     """A file on the --out path (ENOTDIR) through the real CLI: one line, exit status 1, nothing written."""
     (tmp_path / "a_file").write_text("")
