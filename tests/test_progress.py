@@ -13,6 +13,7 @@ import pytest
 
 from la_iprop.metrics import evaluate, get_protocol
 from la_iprop.runs import engine as runner
+from la_iprop.runs import progress as progress_module
 from la_iprop.runs.config import RunConfig
 from la_iprop.runs.engine import run
 from la_iprop.runs.store import scores_path
@@ -92,8 +93,7 @@ class _FakeBar:
 def test_progress_moves_within_the_first_batch_and_logs_each_batch(tmp_path, monkeypatch, caplog):
     """sm on 4 images in batches of 2, protocol la with 5 steps: the bar advances per stage and per scored
     chunk before batch 0 is written; --progress=false logs one line per batch; the scores are the same."""
-    real = runner.get_protocol
-    monkeypatch.setattr(runner, "get_protocol", lambda name: real(name, step=672 * 45))   # 6 curve points
+    monkeypatch.setattr(runner, "resolve_protocol", lambda name: get_protocol(name, step=672 * 45))  # 6 points
     bars = []
 
     def fake_progress(*, total, initial, desc, enabled):
@@ -103,8 +103,8 @@ def test_progress_moves_within_the_first_batch_and_logs_each_batch(tmp_path, mon
         bars.append(_FakeBar(scores_path(tmp_path / "bar", "la", "sm", 0), total, initial))
         return bars[-1]
 
-    real_progress = runner._progress
-    monkeypatch.setattr(runner, "_progress", fake_progress)
+    real_progress = progress_module._progress
+    monkeypatch.setattr(progress_module, "_progress", fake_progress)
     config = RunConfig(methods=("sm",), num_images=4, seed=3, batch_size=2)
     run(RunConfig(**{**config.__dict__, "out": str(tmp_path / "bar")}), progress=True)
     (bar,) = bars
