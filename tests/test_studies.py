@@ -159,3 +159,54 @@ def test_iprop_tuning_study_end_to_end(tmp_path):
     again = _cli("experiments.iprop_tuning", config, tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "to compute" not in again.stderr
+
+
+def test_iprop_questions_parts_are_engine_runs_with_named_iprop_variants(tmp_path):
+    """Each control is the preset with one change; each corruption is its own run (the corruption is part of
+    its identity); bad parts and a control named like the KNN graph are one-line errors."""
+    from configs.iprop_questions import get_config
+    from la_iprop.iprop import preset_hparams
+    from la_iprop.studies.iprop_questions import KNN, part_configs
+
+    study = get_config().to_dict()
+    configs = part_configs(study, tmp_path)
+    assert list(configs) == ["structure", "ood_gaussian_noise_3", "ood_defocus_blur_3", "ood_jpeg_compression_3",
+                             "ood_contrast_3"]
+    structure = configs["structure"]
+    preset = preset_hparams(study["iprop_preset"])
+    assert structure.iprop_variants[KNN] == preset and not structure.iprop
+    assert structure.iprop_variants["random_image"] == {**preset, "graph": "random_image"}
+    assert "sm+iprop@spatial" in method_variants(structure)
+    ood = configs["ood_contrast_3"]
+    assert ood.corruption == "contrast:3" and ood.identity()["corruption"] == "contrast:3"
+    assert method_variants(ood)[-1] == "agi+iprop@la" and ood.out.endswith("iprop_questions_cpu_quick_64_ood_contrast_3")
+    with pytest.raises(ConfigError, match="parts: unknown part"):
+        part_configs(study, tmp_path, ("structure", "nope"))
+    with pytest.raises(ConfigError, match="controls: 'knn'"):
+        part_configs({**study, "controls": {KNN: {"gamma": 0.5}}}, tmp_path)
+
+
+@pytest.mark.slow
+def test_iprop_questions_study_end_to_end(tmp_path):
+    """The structure part and one corruption on two images of the tiny model: the report has a table per
+    part and protocol, the interim report of an unbegun part says so, and a rerun computes nothing."""
+    config = _smoke_config(tmp_path, "iprop_questions", (
+        "    c.model = 'tiny_cnn'; c.data = 'samples'; c.num_images = 2; c.stride = 1; c.batch_size = 2\n"
+        "    c.controls = {'random_window': {'graph': 'random_window'}, 'spatial': {'similarity': 'spatial'}}\n"
+        "    c.structure_methods = ('sm',); c.ood_methods = ('sm', 'la'); c.corruptions = ('contrast:3',)\n"
+        "    c.reproduction = ''; c.tuning_report = ''\n"))
+    interim = _cli("experiments.iprop_questions", config, tmp_path, "--interim", "--progress=false")
+    assert interim.returncode == 0, interim.stderr[-3000:]
+    assert "**Structure controls**: not begun yet" in (tmp_path / "results" / "IPROP_QUESTIONS.md").read_text()
+    first = _cli("experiments.iprop_questions", config, tmp_path, "--progress=false")
+    assert first.returncode == 0, first.stderr[-3000:]
+    report = (tmp_path / "results" / "IPROP_QUESTIONS.md").read_text()
+    for text in ("`sm+iprop@random_window` (vs `sm+iprop@knn`)", "`sm+iprop@knn` (vs `sm`)", "### `contrast:3`",
+                 "`la+iprop@la` (vs `la`)", "**Structure controls, `rise`** (2 images)", "structure.png"):
+        assert text in report, text
+    section = tmp_path / "results" / "iprop_questions" / "cpu_quick_64"
+    summary = json.loads((section / "ood_contrast_3" / "summary.json").read_text())
+    assert summary["flags"]["corruption"] == "contrast:3"
+    again = _cli("experiments.iprop_questions", config, tmp_path, "--progress=false")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "to compute" not in again.stderr
