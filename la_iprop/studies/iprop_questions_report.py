@@ -17,8 +17,7 @@ from la_iprop.iprop import IPROP_SUFFIX
 from la_iprop.metrics.comparison import compare
 from la_iprop.metrics.statistics import MeanCI
 from la_iprop.runs.store import atomic_write
-from la_iprop.studies.iprop_questions import (KNN, corruption_part, iprop_variant, ood_rows, structure_rows,
-                                              tally)
+from la_iprop.studies.iprop_questions import KNN, corruption_part, iprop_variant, ood_rows, structure_rows, tally
 from la_iprop.studies.la_ablations import VERDICT_WORDS
 from la_iprop.studies.reproduction import read_scores
 
@@ -180,7 +179,7 @@ def write_report(results_dir: pathlib.Path, study: Mapping[str, Any], command: s
         findings.append(f"**IProp under `rise`, `la` preset** ({la_info['n']} images): {_claim_text(la_info['counts']['dir'])}"
                         f"; ins − del {_counts_text(la_info['counts']['ins_minus_del'])}.")
     if tuned_lines:
-        body += [f"**(b) The settings tuned under `rise`** (held-out images):", "", *tuned_lines, ""]
+        body += ["**(b) The settings tuned under `rise`** (held-out images):", "", *tuned_lines, ""]
         findings.append(f"**IProp under `rise`, rise-tuned settings** ({tuned_info['n']} held-out images): "
                         f"{_claim_text(tuned_info['counts']['dir'])}; ins − del "
                         f"{_counts_text(tuned_info['counts']['ins_minus_del'])}.")
