@@ -1,4 +1,4 @@
-"""Shared fixtures: the embedded Lite0, la1000 images and the official reference data."""
+"""Shared fixtures: the embedded Lite0, la1000 images, the official reference data, a counting method."""
 
 from __future__ import annotations
 
@@ -72,3 +72,20 @@ def la_reference():
 @pytest.fixture(scope="session")
 def metric_reference():
     return dict(np.load(REFERENCE / "metric_official_lite0.npz"))
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """A registered method ``counted_sm`` (sm) that records the (padded) batch size of every call."""
+    from la_iprop.attribution import base, get_method
+
+    calls: list[int] = []
+    sm = get_method("sm").fn
+
+    def counted_sm(logit_fn, images, labels=None, *, key=None, precision="float32"):
+        maps = sm(logit_fn, images, labels, key=key, precision=precision)
+        calls.append(int(images.shape[0]))  # after the call: the runner's hyperparameter probe stops inside it
+        return maps
+
+    monkeypatch.setitem(base._METHODS, "counted_sm", base.MethodSpec("counted_sm", counted_sm, "sm, counting calls"))
+    return calls

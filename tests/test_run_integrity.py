@@ -37,23 +37,6 @@ def tiny_model():
         yield TINY
 
 
-@pytest.fixture
-def counted(monkeypatch):
-    """A registered method ``counted_sm`` (sm) that records the (padded) batch size of every call."""
-    from la_iprop.attribution import base, get_method
-
-    calls: list[int] = []
-    sm = get_method("sm").fn
-
-    def counted_sm(logit_fn, images, labels=None, *, key=None, precision="float32"):
-        maps = sm(logit_fn, images, labels, key=key, precision=precision)
-        calls.append(int(images.shape[0]))  # after the call: the runner's hyperparameter probe stops inside it
-        return maps
-
-    monkeypatch.setitem(base._METHODS, "counted_sm", base.MethodSpec("counted_sm", counted_sm, "sm, counting calls"))
-    return calls
-
-
 def _config(out, **overrides):
     from la_iprop.runs.config import RunConfig
     kwargs = dict(methods=("sm",), model=TINY, num_images=5, batch_size=2, seed=1, out=str(out))

@@ -310,23 +310,6 @@ def test_after_a_late_refusal_the_corrected_command_runs_in_the_same_folder(tmp_
 
 
 # ----------------------------------------------------------------------------- content checksums
-@pytest.fixture
-def counted(monkeypatch):
-    """A registered method ``counted_sm`` (sm) that records the batch size of every call."""
-    from la_iprop.attribution import base, get_method
-
-    calls: list[int] = []
-    sm = get_method("sm").fn
-
-    def counted_sm(logit_fn, images, labels=None, *, key=None, precision="float32"):
-        maps = sm(logit_fn, images, labels, key=key, precision=precision)
-        calls.append(int(images.shape[0]))  # after the call: the runner's probe stops inside it
-        return maps
-
-    monkeypatch.setitem(base._METHODS, "counted_sm", base.MethodSpec("counted_sm", counted_sm, "sm, counting"))
-    return calls
-
-
 def _member_data_offset(path: pathlib.Path, member: str) -> tuple[int, int]:
     """(offset, size) of the array data of ``member`` (e.g. ``attribution.npy``) inside an ``.npz``."""
     with zipfile.ZipFile(path) as archive:
