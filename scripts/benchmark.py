@@ -31,7 +31,7 @@ from bench_common import environment, refuse  # noqa: E402
 from la_iprop.precision import PRECISIONS  # noqa: E402
 
 FLAGS = flags.FLAGS
-COMPONENTS = ["la", "metrics", "iprop", "models", "methods", "vs-torch"]
+COMPONENTS = ["la", "metrics", "iprop", "models", "methods", "vs-torch", "bf16"]
 
 
 def _available():

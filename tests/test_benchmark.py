@@ -40,6 +40,19 @@ def test_quick_benchmark_writes_json(tmp_path):
 
 
 @pytest.mark.slow
+def test_quick_bf16_benchmark_times_both_forwards(tmp_path):
+    """``bf16 --quick``: both forwards timed side by side, and bfloat16's probabilities differ from float32's
+    (a cast that did nothing would show 0) by less than 1."""
+    out = tmp_path / "bf16.json"
+    result = subprocess.run([sys.executable, "scripts/benchmark.py", f"--json={out}", "bf16", "--quick"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    data = json.loads(out.read_text())["bf16"]
+    assert data["forward_ms"]["float32"] > 0 and data["forward_ms"]["bfloat16"] > 0
+    assert 0 < data["max_abs_probability_difference"] < 1 and len(data["load"]["rounds"]) == data["repeats"]
+
+
+@pytest.mark.slow
 def test_quick_vs_torch_benchmark_runs_side_by_side(tmp_path):
     """``vs-torch --quick``: every part runs and the transcribed official loops give our results."""
     out = tmp_path / "vs_torch.json"
