@@ -3,16 +3,16 @@
     python -m experiments.stability --data=la1000:../shared/data/la1000 --num_images=16 --metric_every=8
     python -m experiments.stability --report_only      # rebuild results/stability.md from its JSON
 
-Measures each method (float32 vs float64, batch vs alone, one-ulp nudges, seeds), caching each
-method's figures in --work_dir, then writes results/stability.md and .json; the report also checks
-the LA-vs-baseline differences of a reproduction run (--reproduction) against the measured noise.
+Runs (or resumes) the study's engine runs in --runs_dir (float32, float64, alone, nudged, next_seed),
+reads each method's figures (float32 vs float64, batch vs alone, one-ulp nudges, seeds) from their
+stores, then writes results/stability.md and .json; the report also checks the LA-vs-baseline
+differences of a reproduction run (--reproduction) against the measured noise.
 """
 
 from __future__ import annotations
 
 import logging
 import pathlib
-import sys
 
 from absl import app, flags
 
@@ -33,9 +33,11 @@ def define_flags() -> None:
     flags.DEFINE_integer("batch_size", 8, "Batch size of the batched float32/float64 runs.")
     flags.DEFINE_integer("seed", 0, "PRNG seed (the seed-to-seed comparison uses seed and seed + 1).")
     flags.DEFINE_enum("settings", "quick", ["quick", "paper"], "quick or paper settings for every method.")
-    flags.DEFINE_string("work_dir", "runs/stability", "Per-method cache (resumable).")
+    flags.DEFINE_string("runs_dir", "runs/stability", "Where the study's engine runs are stored (resumable).")
     flags.DEFINE_string("results_dir", "results", "Where stability.md and stability.json are written.")
-    flags.DEFINE_bool("report_only", False, "Only regenerate the report from --work_dir.")
+    flags.DEFINE_bool("report_only", False, "Only regenerate the report from results/stability.json.")
+    flags.DEFINE_bool("interim", False, "Compute nothing: report the methods every run has finished so far.")
+    flags.DEFINE_bool("progress", False, "Show a progress bar per engine run (false: one log line per batch).")
     flags.DEFINE_string("reproduction", "cpu_quick_64", "The section of results/reproduction/ whose LA-vs-baseline "
                         "differences are checked against the noise measured here.")
     flags.DEFINE_integer("metric_every", 1, "Score protocol la's curve at every N-th point only (N times cheaper; "
@@ -47,29 +49,32 @@ def main(argv):
     del argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     from la_iprop.attribution import available_methods
+    from la_iprop.runs import ConfigError
     from la_iprop.studies.stability import METHOD_ORDER, StabilityConfig, run_stability
     from la_iprop.studies.stability_report import write_report
 
     methods = tuple(FLAGS.method or [m for m in METHOD_ORDER if m in available_methods()])
     unknown = sorted(set(methods) - set(available_methods()))
     if unknown:
-        sys.exit(f"error: --method: unknown {unknown}; available: {', '.join(available_methods())}")
-    work_dir, results_dir = pathlib.Path(FLAGS.work_dir), pathlib.Path(FLAGS.results_dir)
+        shared.refuse(f"--method: unknown {unknown}; available: {', '.join(available_methods())}")
+    results_dir = pathlib.Path(FLAGS.results_dir)
     config = StabilityConfig(model=FLAGS.model, weights=FLAGS.weights, data=FLAGS.data, num_images=FLAGS.num_images,
                              start=FLAGS.start, batch_size=FLAGS.batch_size, seed=FLAGS.seed, settings=FLAGS.settings,
                              metric_every=FLAGS.metric_every)
     if config.metric_every < 1:
-        sys.exit(f"error: --metric_every must be >= 1, got {config.metric_every}")
+        shared.refuse(f"--metric_every: must be >= 1, got {config.metric_every}")
+    measured = None
     if not FLAGS.report_only:
         try:
-            run_stability(config, methods, work_dir)
-        except ValueError as err:
-            sys.exit(f"error: {err}")
+            measured = run_stability(config, methods, pathlib.Path(FLAGS.runs_dir), progress=FLAGS.progress,
+                                     compute=not FLAGS.interim)
+        except (ConfigError, ValueError, RuntimeError) as err:
+            shared.refuse(err)
     command = "python -m experiments.stability " + " ".join(
         f"--{k}={v}" for k, v in (("data", FLAGS.data), ("num_images", FLAGS.num_images), ("start", FLAGS.start),
                                    ("batch_size", FLAGS.batch_size), ("settings", FLAGS.settings),
                                    ("metric_every", FLAGS.metric_every)))
-    write_report(work_dir, results_dir, command, FLAGS.reproduction)
+    write_report(results_dir, command, FLAGS.reproduction, measured)
     print((results_dir / "stability.md").read_text())
     return 0
 

@@ -59,16 +59,40 @@ def test_nudge_moves_every_element_by_one_ulp_inside_the_unit_interval():
 
 @pytest.mark.slow
 def test_tiny_stability_run_resumes_and_reports(tmp_path):
+    """The study's engine runs: a rerun computes nothing (the engine's store is the cache), other settings
+    into the same folder are refused, and the report is built from the stored maps and scores."""
+    from la_iprop.runs import ConfigError
+    from la_iprop.runs.store import load_records
+
     config = StabilityConfig(data="samples", num_images=2, batch_size=2, metric_every=224)
     work = tmp_path / "work"
-    run_stability(config, ("sm", "sg"), work)
-    first = {m: (work / f"{m}.json").stat().st_mtime_ns for m in ("sm", "sg")}
-    run_stability(config, ("sm", "sg"), work)  # everything cached: nothing recomputed
-    assert {m: (work / f"{m}.json").stat().st_mtime_ns for m in ("sm", "sg")} == first
-    with pytest.raises(ValueError, match="other settings"):
+    measured = run_stability(config, ("sm", "sg"), work)
+    files = sorted(p for p in work.rglob("*.npz"))
+    stamps = [p.stat().st_mtime_ns for p in files]
+    assert sorted(p.name for p in work.iterdir()) == ["alone", "float32", "float64", "next_seed", "nudged"]
+    again = run_stability(config, ("sm", "sg"), work)  # everything stored: nothing recomputed
+    assert [p.stat().st_mtime_ns for p in files] == stamps and again[1].keys() == measured[1].keys()
+    with pytest.raises(ConfigError, match="different settings"):
         run_stability(StabilityConfig(data="samples", num_images=3, batch_size=2, metric_every=224), ("sm",), work)
+    # the float64 run stores float64 maps, scored by the float32 metric; the nudged run's input moved by one ulp
+    f64 = load_records(work / "float64", "sm", "la_every224", attributions=True)
+    assert f64["attribution"].dtype == np.float64
+    from la_iprop.data import open_source
+    from la_iprop.metrics import evaluate
+    from la_iprop.models import load_model
+    from la_iprop.runs.config import resolve_protocol
+    images = open_source("samples", size=224).load([0, 1]).images
+    game = evaluate(load_model("efficientnet_lite0"), images, f64["attribution"], labels=f64["predicted"],
+                    protocol=resolve_protocol("la_every224"), precision="float32")
+    np.testing.assert_array_equal(game.insertion_aucs, f64["insertion"])  # the float32 metric, as metric_precision says
+    np.testing.assert_array_equal(game.deletion_aucs, f64["deletion"])
+    sm = measured[1]["sm"]
+    assert sm["images"] == [0, 1] and len(sm["seconds_per_image"]["float32"]) == 1
+    assert not all(sm["ulp_nudge"]["identical"]) and sm["other_class"] == {"float32": 0, "float64": 0, "alone": 0,
+                                                                          "nudged": 0}
+    assert "float32_next_seed" in measured[1]["sg"]["metric"] and "float32_next_seed" not in sm["metric"]
 
-    payload = write_report(work, tmp_path / "results", "python -m experiments.stability ...")
+    payload = write_report(tmp_path / "results", "python -m experiments.stability ...", measured=measured)
     summary = payload["summaries"]
     assert set(summary) == {"sm", "sg"} and summary["sm"]["n"] == 2
     # sm is not chaotic: float32 and float64 maps agree closely

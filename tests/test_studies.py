@@ -210,3 +210,21 @@ def test_iprop_questions_study_end_to_end(tmp_path):
     again = _cli("experiments.iprop_questions", config, tmp_path, "--progress=false")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "to compute" not in again.stderr
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"metric_precision": "float16"}, "metric_precision: must be None"),
+    ({"nudge_ulps": -1}, r"nudge_ulps: must be an integer in \[0, 65536\]"),
+    ({"nudge_ulps": True}, "nudge_ulps: must be an integer"),
+    ({"nudge_ulps": 1, "precision": "float64"}, "nudge_ulps: moves the images by float32 ulps"),
+])
+def test_stability_probes_refuse_bad_values(changes, match):
+    with pytest.raises(ConfigError, match=match):
+        validate(RunConfig(methods=("sm",), model="efficientnet_lite0", out="unused", **changes))
+
+
+def test_stability_probes_enter_the_identity_only_when_set():
+    plain = RunConfig(methods=("sm",), out="unused").identity()
+    assert "nudge_ulps" not in plain and "metric_precision" not in plain  # older run folders keep their identity
+    probed = RunConfig(methods=("sm",), out="unused", nudge_ulps=1, metric_precision="float32").identity()
+    assert probed["nudge_ulps"] == 1 and probed["metric_precision"] == "float32"

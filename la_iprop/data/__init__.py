@@ -1,6 +1,7 @@
-"""Image sources, ImageNet class names and ImageNet-C corruptions."""
+"""Image sources, ImageNet class names, ImageNet-C corruptions and the float32 ulp nudge."""
 
 from la_iprop.data.corruptions import Corruption, corruption_names, parse_corruption
+from la_iprop.data.nudge import nudge_toward_half
 from la_iprop.data.sources import (
                                    Batch,
                                    ImageSource,
@@ -13,4 +14,4 @@ from la_iprop.data.sources import (
 )
 
 __all__ = ["Batch", "ImageSource", "class_name", "class_names", "open_source", "resize_center_crop", "to_rgb_float",
-           "read_labels_json", "Corruption", "corruption_names", "parse_corruption"]
+           "read_labels_json", "Corruption", "corruption_names", "parse_corruption", "nudge_toward_half"]

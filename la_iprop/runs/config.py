@@ -74,10 +74,13 @@ class RunConfig:
     iprop_preset: str = DEFAULT_PRESET   # the IProp settings METHOD+iprop starts from (la_iprop.iprop.PRESETS)
     corruption: str | None = None        # an ImageNet-C corruption of every image, NAME:SEVERITY (la_iprop.data)
     corruption_seed: int = 0             # its per-image randomness is drawn from this seed and the image id
+    nudge_ulps: int = 0                  # every input element moved this many float32 ulps towards 0.5 (a probe)
     out: str = ""
     devices: int | None = None           # local devices to shard over (None: all)
     save_attributions: bool = True
     precision: str = "float32"           # "float64": model, images, maps and metric in float64 (bit-reproducible)
+    metric_precision: str | None = None  # the protocols' precision; None: the run's (float32: a float64 run's
+                                         # maps scored by the float32 metric, so a difference is the maps' alone)
     # Named IProp settings {LABEL: hyperparameters}, each run on every method's stored maps as METHOD+iprop@LABEL.
     # Like the protocols they post-process stored maps, so they are not part of the run's identity: each
     # variant's resolved settings are recorded (and checked) in batches/<variant>/iprop.json, and a
@@ -117,6 +120,10 @@ class RunConfig:
         extra = {k: getattr(self, k) for k in ("iprop_preset",) if getattr(self, k) != DEFAULT_PRESET}
         if self.corruption is not None:
             extra.update(corruption=self.corruption, corruption_seed=self.corruption_seed)
+        if self.nudge_ulps:
+            extra["nudge_ulps"] = self.nudge_ulps
+        if self.metric_precision is not None:
+            extra["metric_precision"] = self.metric_precision
         return json.loads(json.dumps({**{k: getattr(self, k) for k in keep}, **extra, "resolved": self.resolved()},
                                      default=str))
 

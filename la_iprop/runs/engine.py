@@ -30,6 +30,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from la_iprop.attribution.base import NonFiniteAttributionError
+from la_iprop.data import nudge_toward_half
 from la_iprop.iprop import IPROP_SUFFIX, IPropConfig, iprop
 from la_iprop.metrics import evaluate
 from la_iprop.models import predict
@@ -232,7 +233,8 @@ def run(config: RunConfig, *, progress: bool = True, model=None, reports: bool =
         tracker.start_batch(variant, b, n, running[variant])
         if loaded is None or loaded[0] != b:
             batch = _load_unchanged(source, spec, out)
-            loaded = (b, sharder.put(jnp.asarray(batch.images), shape_size)[0], batch.labels)
+            pixels = nudge_toward_half(batch.images, config.nudge_ulps) if config.nudge_ulps else batch.images
+            loaded = (b, sharder.put(jnp.asarray(pixels), shape_size)[0], batch.labels)
         images, labels = loaded[1], loaded[2]
         stored = _read_stored_maps(out, variant, b) if have_maps else None
         computing = stored is None or "attribution" not in stored
@@ -265,7 +267,8 @@ def run(config: RunConfig, *, progress: bool = True, model=None, reports: bool =
             # (the bar moves per scored chunk; numerics identical without it)
             with tracker.stage(p), _named_images(variant, b, spec, f"{p} scores"):
                 game = evaluate(model, images, maps, protocol=protocols[p], labels=predicted,
-                                precision=config.precision, progress=tracker.chunk if progress else None)
+                                precision=config.metric_precision or config.precision,
+                                progress=tracker.chunk if progress else None)
             store.write_npz(scores_path(out, p, variant, b), {
                 "index": spec.indices, "id": np.asarray(spec.ids, dtype=np.str_),
                 "hash": np.asarray(spec.hashes, dtype=np.str_),

@@ -48,6 +48,7 @@ RUNNER_SUPPLIED = {"reference_images": f"the runner passes the first {REFERENCE_
 # A run's seed: jax.random.PRNGKey keeps its low 32 bits (without jax_enable_x64), so seeds that differ
 # only above them (or a negative seed and its 2**32 complement) would give the same maps as another run.
 SEED_LIMIT = 2 ** 32
+MAX_NUDGE_ULPS = 1 << 16  # a probe of the last bits, not a perturbation (each ulp is one nextafter pass)
 # Flag of each RunConfig field whose type validate checks (a study or sweep config may give any JSON type).
 _FLAGS = {"methods": "--method", "protocols": "--protocol", "model": "--model", "weights": "--weights",
           "data": "--data", "tfds_data_dir": "--tfds_data_dir", "num_images": "--num_images", "start": "--start",
@@ -134,6 +135,15 @@ def validate(config: RunConfig):
         raise ConfigError("--method: give at least one method, e.g. --method=la")
     if config.precision not in PRECISIONS:
         raise ConfigError(f"--precision: must be one of {', '.join(PRECISIONS)}, got {config.precision!r}")
+    if config.metric_precision is not None and config.metric_precision not in PRECISIONS:
+        raise ConfigError(f"metric_precision: must be None (the run's precision) or one of {', '.join(PRECISIONS)}, "
+                          f"got {config.metric_precision!r}")
+    if isinstance(config.nudge_ulps, bool) or not isinstance(config.nudge_ulps, numbers.Integral) or not (
+            0 <= config.nudge_ulps <= MAX_NUDGE_ULPS):
+        raise ConfigError(f"nudge_ulps: must be an integer in [0, {MAX_NUDGE_ULPS}], got {config.nudge_ulps!r}")
+    if config.nudge_ulps and config.precision != "float32":
+        raise ConfigError(f"nudge_ulps: moves the images by float32 ulps, so it needs precision float32, got "
+                          f"{config.precision!r}")
     if _duplicates(config.methods):
         raise ConfigError(f"--method: {', '.join(_duplicates(config.methods))} given more than once")
     if config.external is not None:

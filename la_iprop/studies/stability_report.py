@@ -103,16 +103,16 @@ def _fmt_ci(ci: dict, digits: int = 4) -> str:
     return f"{ci['mean']:.{digits}f} [{ci['low']:.{digits}f}, {ci['high']:.{digits}f}]"
 
 
-def write_report(work_dir: pathlib.Path, results_dir: pathlib.Path, command: str,
-                 reproduction: str = REPRODUCTION) -> dict:
-    """``stability.md`` and ``.json`` from the per-method figures in ``work_dir`` (or, when it is gone,
-    from the previous ``stability.json``, keeping its command); ``reproduction`` names the section of
+def write_report(results_dir: pathlib.Path, command: str, reproduction: str = REPRODUCTION,
+                 measured: tuple[dict, dict] | None = None) -> dict:
+    """``stability.md`` and ``.json`` from ``measured`` = ``(settings, {method: figures})``
+    (:func:`la_iprop.studies.stability.run_stability`), or, when None, from the previous
+    ``stability.json``, keeping its command; ``reproduction`` names the section of
     ``results/reproduction/`` whose LA-vs-baseline differences are checked against the noise."""
-    if (work_dir / "identity.json").exists():
-        identity = json.loads((work_dir / "identity.json").read_text())
-        results = {m: json.loads((work_dir / f"{m}.json").read_text())
-                   for m in METHOD_ORDER if (work_dir / f"{m}.json").exists()}
-    else:  # the per-image figures the last report stored (its work folder is gone): the report is rebuilt from them
+    if measured is not None:
+        identity, measured_results = measured
+        results = {m: measured_results[m] for m in METHOD_ORDER if m in measured_results}
+    else:  # the per-image figures the last report stored: the report is rebuilt from them
         previous = json.loads((results_dir / "stability.json").read_text())
         identity, results = previous["settings"], previous["per_image"]
         command = previous["command"]  # the command that measured them, whatever flags rebuild the report
@@ -126,17 +126,33 @@ def write_report(work_dir: pathlib.Path, results_dir: pathlib.Path, command: str
     return payload
 
 
+def _explained(results: dict) -> str:
+    """Which class the maps explain (figures measured before the engine runs have no ``other_class``)."""
+    if not any("other_class" in r for r in results.values()):
+        return ("every map explains the class predicted on the clean image in float32 (these figures were measured "
+                "before the study ran on the engine, by its earlier per-method loop; rerunning the command measures "
+                "them again as engine runs).")
+    other = {m: {run: n for run, n in r.get("other_class", {}).items() if n} for m, r in results.items()}
+    other = {m: runs for m, runs in other.items() if runs}
+    text = ("every map explains the class its run predicted (in float64 for the float64 maps, on the nudged image "
+            "for the nudged ones); ")
+    if not other:
+        return text + "every run predicted the float32 run's class for every image."
+    return text + "images where a run predicted another class than float32: " + "; ".join(
+        f"{m} " + ", ".join(f"{run} {n}" for run, n in runs.items()) for m, runs in other.items()) + "."
+
+
 def _markdown(payload: dict) -> str:
     s, settings = payload["summaries"], payload["settings"]
     n = settings["num_images"]
     missing = [m for m in METHOD_ORDER if m not in s]
     lines = [
         "# Numerical stability of the attribution methods", "",
-        f"Regenerate: `{payload['command']}` (resumable; the per-method cache is in `runs/stability/`).", "",
+        f"Regenerate: `{payload['command']}` (resumable; the engine runs are in `runs/stability/`).", "",
         f"Model `{settings['model']}`, data `{settings['data']}` images {settings['start']}–"
         f"{settings['start'] + n - 1} ({n} images), `{settings['settings']}` settings, batches of "
-        f"{settings['batch_size']}, seed {settings['seed']}; every map explains the class predicted on the clean "
-        f"image in float32. Machine: {payload['machine']['processor']}, {payload['machine']['backend']}, "
+        f"{settings['batch_size']}, seed {settings['seed']}; {_explained(payload['per_image'])} Machine: "
+        f"{payload['machine']['processor']}, {payload['machine']['backend']}, "
         f"jax {payload['machine']['jax']}. Intervals are 95% bootstrap CIs over the images (2000 resamples, seeded).",
         "",
     ]
