@@ -55,12 +55,13 @@ _RUN_FLAGS: dict[str, tuple] = {
 }
 
 
-def define_run_flags(names: tuple[str, ...] | None = None, **defaults: Any) -> None:
+def define_run_flags(names: tuple[str, ...] | None = None, *, helps: dict[str, str] | None = None,
+                     **defaults: Any) -> None:
     """Defines the run flags ``names`` (default: all) with the shared help texts; ``defaults`` overrides
-    a flag's default value for this CLI."""
+    a flag's default value for this CLI, ``helps`` its help text."""
     for name in names or tuple(_RUN_FLAGS):
         definer, default, text = _RUN_FLAGS[name]
-        definer(name, defaults.get(name, default), text)
+        definer(name, defaults.get(name, default), (helps or {}).get(name, text))
 
 
 def define_multihost_flags() -> None:

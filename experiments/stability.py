@@ -25,19 +25,14 @@ parse_flags = shared.parse_flags
 def define_flags() -> None:
     """Defined only when run as a script (importing this module defines no flags)."""
     flags.DEFINE_list("method", None, "Methods (default: every registered method).")
-    flags.DEFINE_string("model", "efficientnet_lite0", "Registered model.")
-    flags.DEFINE_string("weights", None, "Weights for --model.")
-    flags.DEFINE_string("data", "samples", "Image source (see experiments.imagenet).")
-    flags.DEFINE_integer("num_images", 16, "Number of images.")
-    flags.DEFINE_integer("start", 0, "First image index.")
-    flags.DEFINE_integer("batch_size", 8, "Batch size of the batched float32/float64 runs.")
-    flags.DEFINE_integer("seed", 0, "PRNG seed (the seed-to-seed comparison uses seed and seed + 1).")
-    flags.DEFINE_enum("settings", "quick", ["quick", "paper"], "quick or paper settings for every method.")
+    # the batched runs use --batch_size; the seed-to-seed comparison uses --seed and --seed + 1
+    shared.define_run_flags(("model", "weights", "data", "num_images", "start", "batch_size", "seed", "settings",
+                             "progress"), num_images=16, progress=False,
+                            helps={"num_images": "Number of images, from --start."})
     flags.DEFINE_string("runs_dir", "runs/stability", "Where the study's engine runs are stored (resumable).")
     flags.DEFINE_string("results_dir", "results", "Where stability.md and stability.json are written.")
     flags.DEFINE_bool("report_only", False, "Only regenerate the report from results/stability.json.")
     flags.DEFINE_bool("interim", False, "Compute nothing: report the methods every run has finished so far.")
-    flags.DEFINE_bool("progress", False, "Show a progress bar per engine run (false: one log line per batch).")
     flags.DEFINE_string("reproduction", "cpu_quick_64", "The section of results/reproduction/ whose LA-vs-baseline "
                         "differences are checked against the noise measured here.")
     flags.DEFINE_integer("metric_every", 1, "Score protocol la's curve at every N-th point only (N times cheaper; "
