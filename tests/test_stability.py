@@ -103,3 +103,25 @@ def test_tiny_stability_run_resumes_and_reports(tmp_path):
                     "## Findings", "Not measured yet"):
         assert heading in text
     assert json.loads((tmp_path / "results" / "stability.json").read_text())["settings"]["num_images"] == 2
+
+
+@pytest.mark.slow
+def test_report_only_rebuilds_the_committed_report_from_its_json(tmp_path):
+    """``--report_only`` from ``results/stability.json`` gives the committed report's tables line for line."""
+    import pathlib
+    import shutil
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    results = tmp_path / "results"
+    results.mkdir()
+    shutil.copy(root / "results" / "stability.json", results)
+    shutil.copytree(root / "results" / "reproduction", results / "reproduction")
+    done = subprocess.run([sys.executable, "-m", "experiments.stability", "--report_only", f"--results_dir={results}"],
+                          cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rebuilt = (results / "stability.md").read_text().splitlines()
+    committed = (root / "results" / "stability.md").read_text().splitlines()
+    tables = [line for line in committed if line.startswith("|")]
+    assert tables and tables == [line for line in rebuilt if line.startswith("|")]
