@@ -64,6 +64,23 @@ def define_run_flags(names: tuple[str, ...] | None = None, *, helps: dict[str, s
         definer(name, defaults.get(name, default), (helps or {}).get(name, text))
 
 
+def define_study_flags(*, config: str | None = None, config_file: bool = True, runs_dir: str = "runs",
+                       reports_from: str | None = None, progress: bool = True) -> None:
+    """The flags of a study's CLI: ``--config`` (with ``config_file``; ``config`` its default file),
+    ``--runs_dir``, ``--results_dir``, ``--progress``, and where the report can be rebuilt from stored
+    records (``reports_from``, e.g. ``results/la_ablations/<name>/``) ``--report_only`` and ``--interim``."""
+    from ml_collections import config_flags
+
+    if config_file:
+        config_flags.DEFINE_config_file("config", config, "The study's config file.")
+    flags.DEFINE_string("runs_dir", runs_dir, "Where the study's engine runs are stored (resumable).")
+    flags.DEFINE_string("results_dir", "results", "Where the report and its figures are written.")
+    flags.DEFINE_bool("progress", progress, "Show a progress bar per engine run (false: one log line per batch).")
+    if reports_from is not None:
+        flags.DEFINE_bool("report_only", False, f"Only regenerate the report from {reports_from}.")
+        flags.DEFINE_bool("interim", False, "Compute nothing: report what the runs have finished so far.")
+
+
 def define_multihost_flags() -> None:
     """The multi-process flags (docs/multihost.md): every process runs the same command with its own
     --process_id."""

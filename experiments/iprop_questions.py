@@ -15,7 +15,6 @@ import shlex
 import sys
 
 from absl import app, flags
-from ml_collections import config_flags
 
 from experiments import flags as shared
 
@@ -25,13 +24,8 @@ MODE_FLAGS = ("--interim", "--interim=true", "--report_only", "--report_only=tru
 
 
 def define_flags() -> None:
-    config_flags.DEFINE_config_file("config", "configs/iprop_questions.py", "The study's config file.")
+    shared.define_study_flags(config="configs/iprop_questions.py", reports_from="results/iprop_questions/<name>/")
     flags.DEFINE_list("parts", None, "Run only these parts (structure, ood); default: the config's parts.")
-    flags.DEFINE_string("runs_dir", "runs", "Where the runs themselves are stored (resumable).")
-    flags.DEFINE_string("results_dir", "results", "Where the report and its figures are written.")
-    flags.DEFINE_bool("report_only", False, "Only regenerate the report from results/iprop_questions/<name>/.")
-    flags.DEFINE_bool("interim", False, "Compute nothing: report the images each part has finished so far.")
-    flags.DEFINE_bool("progress", True, "Show a progress bar (false: one log line per batch).")
 
 
 @shared.one_line_errors  # an OSError (full disk, read-only, name too long...): one line

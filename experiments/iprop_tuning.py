@@ -16,7 +16,6 @@ import shlex
 import sys
 
 from absl import app, flags
-from ml_collections import config_flags
 
 from experiments import flags as shared
 
@@ -26,10 +25,7 @@ RUN_KEYS = ("model", "weights", "data", "settings", "seed", "precision", "batch_
 
 
 def define_flags() -> None:
-    config_flags.DEFINE_config_file("config", None, "The study's config file (configs/iprop_tuning_*.py).")
-    flags.DEFINE_string("runs_dir", "runs", "Where the study's runs are stored (resumable).")
-    flags.DEFINE_string("results_dir", "results", "Where the report and its JSON are written.")
-    flags.DEFINE_bool("progress", False, "Show a progress bar per engine run (false: one log line per batch).")
+    shared.define_study_flags(progress=False)  # --config: configs/iprop_tuning_*.py (required)
 
 
 @shared.one_line_errors  # an OSError (full disk, read-only, name too long...): one line

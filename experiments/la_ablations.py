@@ -14,7 +14,6 @@ import shlex
 import sys
 
 from absl import app, flags
-from ml_collections import config_flags
 
 from experiments import flags as shared
 
@@ -24,12 +23,7 @@ STUDY_KEYS = ("name", "reproduction", "variants", "questions", "question_order")
 
 
 def define_flags() -> None:
-    config_flags.DEFINE_config_file("config", "configs/la_ablations.py", "The study's config file.")
-    flags.DEFINE_string("runs_dir", "runs", "Where the run itself is stored (resumable).")
-    flags.DEFINE_string("results_dir", "results", "Where the report and its figures are written.")
-    flags.DEFINE_bool("report_only", False, "Only regenerate the report from results/la_ablations/<name>/.")
-    flags.DEFINE_bool("interim", False, "Compute nothing: report the images finished so far for every variant.")
-    flags.DEFINE_bool("progress", True, "Show a progress bar (false: one log line per batch).")
+    shared.define_study_flags(config="configs/la_ablations.py", reports_from="results/la_ablations/<name>/")
 
 
 @shared.one_line_errors  # an OSError (full disk, read-only, name too long...): one line

@@ -26,13 +26,10 @@ def define_flags() -> None:
     """Defined only when run as a script (importing this module defines no flags)."""
     flags.DEFINE_list("method", None, "Methods (default: every registered method).")
     # the batched runs use --batch_size; the seed-to-seed comparison uses --seed and --seed + 1
-    shared.define_run_flags(("model", "weights", "data", "num_images", "start", "batch_size", "seed", "settings",
-                             "progress"), num_images=16, progress=False,
-                            helps={"num_images": "Number of images, from --start."})
-    flags.DEFINE_string("runs_dir", "runs/stability", "Where the study's engine runs are stored (resumable).")
-    flags.DEFINE_string("results_dir", "results", "Where stability.md and stability.json are written.")
-    flags.DEFINE_bool("report_only", False, "Only regenerate the report from results/stability.json.")
-    flags.DEFINE_bool("interim", False, "Compute nothing: report the methods every run has finished so far.")
+    shared.define_run_flags(("model", "weights", "data", "num_images", "start", "batch_size", "seed", "settings"),
+                            num_images=16, helps={"num_images": "Number of images, from --start."})
+    shared.define_study_flags(config_file=False, runs_dir="runs/stability", reports_from="results/stability.json",
+                              progress=False)
     flags.DEFINE_string("reproduction", "cpu_quick_64", "The section of results/reproduction/ whose LA-vs-baseline "
                         "differences are checked against the noise measured here.")
     flags.DEFINE_integer("metric_every", 1, "Score protocol la's curve at every N-th point only (N times cheaper; "
