@@ -14,12 +14,10 @@ were at least 1.5x faster than float32.
 from __future__ import annotations
 
 import pathlib
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from bench_common import RoundMonitor, available_cpus, block, define_shared, not_idle_note, one_batch
+from bench_common import RoundMonitor, available_cpus, block, define_shared, not_idle_note, one_batch, side_by_side
 
 from la_iprop.models import load_model
 
@@ -53,20 +51,11 @@ def run(args) -> dict:
     images = jax.random.uniform(jax.random.key(0), (batch, model.input_size, model.input_size, 3), jnp.float32)
     calls = {"float32": lambda: block(_forward(model, images)),
              "bfloat16": lambda: block(_forward(model_bf16, images.astype(jnp.bfloat16)))}
-    for call in calls.values():
-        call()
     monitor = RoundMonitor(own_load=float(available_cpus()))
-    times = {name: [] for name in calls}
-    for _ in range(repeats):
-        with monitor.round():
-            for name, call in calls.items():
-                start = time.perf_counter()
-                call()
-                times[name].append(time.perf_counter() - start)
-    ms = {name: 1e3 * float(np.median(t)) for name, t in times.items()}
+    seconds, load = side_by_side(calls, repeats, monitor)
+    ms = {name: 1e3 * t for name, t in seconds.items()}
     p32 = jax.nn.softmax(_forward(model, images))
     p16 = jax.nn.softmax(_forward(model_bf16, images.astype(jnp.bfloat16)).astype(jnp.float32))
-    load = monitor.summary()
     result = {"batch": batch, "repeats": repeats, "cpu_flags": _cpu_flags(), "forward_ms": ms,
               "bfloat16_speedup": ms["float32"] / ms["bfloat16"],
               "max_abs_probability_difference": float(jnp.abs(p32 - p16).max()), "load": load}

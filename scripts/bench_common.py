@@ -11,6 +11,7 @@ import time
 from typing import Any, Callable
 
 import jax
+import numpy as np
 from absl import flags
 
 from la_iprop.runs.environment import environment as _run_environment
@@ -210,6 +211,24 @@ class RoundMonitor:
         rounds = self.rounds[first:]
         return {"idle": all(r["idle"] for r in rounds), "not_idle_rounds": sum(not r["idle"] for r in rounds),
                 "rounds": rounds}
+
+
+def side_by_side(calls: dict, repeats: int, monitor: RoundMonitor,
+                 warm: tuple[str, ...] | None = None) -> tuple[dict, dict]:
+    """Median seconds of each call, and the machine's load around each round (``monitor``); one
+    warm-up call each (those named in ``warm``; None: all), then the calls alternate per repeat."""
+    for name, fn in calls.items():
+        if warm is None or name in warm:
+            fn()
+    times = {name: [] for name in calls}
+    first = len(monitor.rounds)
+    for _ in range(repeats):
+        with monitor.round():
+            for name, fn in calls.items():
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(t)) for name, t in times.items()}, monitor.summary(first)
 
 
 def not_idle_note(load: dict) -> str:

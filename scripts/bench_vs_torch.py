@@ -45,13 +45,21 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import flags
-from bench_common import IDLE_RULE, RoundMonitor, available_cpus, define_int_list, define_shared, not_idle_note, refuse
+from bench_common import (
+    IDLE_RULE,
+    RoundMonitor,
+    available_cpus,
+    define_int_list,
+    define_shared,
+    not_idle_note,
+    refuse,
+    side_by_side,
+)
 
 from la_iprop.attribution.attack import probability_gradients
 from la_iprop.attribution.la import avoid_label, local_attribution
@@ -91,24 +99,6 @@ def _images(n: int, size: int) -> np.ndarray:
         image = np.asarray(Image.open(LA1000 / "images" / f"{i}.png").convert("RGB"), np.float32) / 255.0
         out.append(image[:size, :size])
     return np.stack(out)
-
-
-def _side_by_side(calls: dict, repeats: int, monitor: RoundMonitor,
-                  warm: tuple[str, ...] | None = None) -> tuple[dict, dict]:
-    """Median seconds of each call, and the machine's load around each round (``monitor``); one
-    warm-up call each (those named in ``warm``; None: all), then the calls alternate per repeat."""
-    for name, fn in calls.items():
-        if warm is None or name in warm:
-            fn()
-    times = {name: [] for name in calls}
-    first = len(monitor.rounds)
-    for _ in range(repeats):
-        with monitor.round():
-            for name, fn in calls.items():
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
-    return {name: float(np.median(t)) for name, t in times.items()}, monitor.summary(first)
 
 
 class _Preprocessed:
@@ -233,7 +223,7 @@ def _lite0_row(torch, model, tmodel, images, repeats, monitor) -> dict:
 
     for p in tmodel.parameters():
         p.requires_grad_(False)           # input-only VJP on both sides
-    t, load = _side_by_side({"ours_forward": lambda: jax.block_until_ready(_forward(model, x)),
+    t, load = side_by_side({"ours_forward": lambda: jax.block_until_ready(_forward(model, x)),
                              "torch_forward": torch_forward,
                              "ours_vjp": lambda: jax.block_until_ready(_forward_vjp(model, x, classes)),
                              "torch_vjp": torch_vjp}, repeats, monitor)
@@ -275,7 +265,7 @@ def _la_row(torch, model, tmodel, images, draw, settings, run_chunk, repeats, mo
         return official_la(torch, tmodel, xt, t_targets, spatial_range=settings["spatial_range"],
                            max_iter=settings["max_iter"])
 
-    t, load = _side_by_side({"ours": ours, "official": theirs}, repeats, monitor,
+    t, load = side_by_side({"ours": ours, "official": theirs}, repeats, monitor,
                             warm=("ours",))  # the loop compiles nothing
     a = np.asarray(ours()).reshape(batch, -1)
     b = np.transpose(theirs().numpy(), (0, 2, 3, 1)).reshape(batch, -1)
@@ -311,7 +301,7 @@ def _metric_part(torch, model, tmodel, size, n, chunk, repeats, monitor) -> dict
         return official_insertion_deletion(torch, tmodel, xt.clone(), maps_t, step=3 * size)
 
     with torch.no_grad():
-        t, load = _side_by_side({"ours": ours, "official": theirs,
+        t, load = side_by_side({"ours": ours, "official": theirs,
                                  "ours_forward_chunk": lambda: jax.block_until_ready(_forward(model, batch))},
                                 repeats, monitor, warm=("ours", "ours_forward_chunk"))
     ours_res, official = ours(), theirs()
