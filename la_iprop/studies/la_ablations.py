@@ -176,7 +176,7 @@ def _paragraph(question: str, rows: list[dict], total: int) -> str:
                          + "; ".join(f"{word}: {', '.join(names)}" for word, names in sorted(verdicts.items())))
     n = min((r["means"]["insertion"].n for r in rows), default=0)
     status = "" if n >= total else f" (interim: {n} of {total} images)"
-    return f"**{question}**{status}: " + (". ".join(parts) if parts else "no variant finished yet") + "."
+    return f"**{question}**{status}: " + ("; ".join(parts) if parts else "no variant finished yet") + "."
 
 
 def _figures(section: pathlib.Path, tables: dict[str, list[dict]], spatial_question: str | None) -> list[str]:
