@@ -26,6 +26,8 @@ RUN_KEYS = ("model", "weights", "data", "settings", "seed", "precision", "batch_
 
 def define_flags() -> None:
     shared.define_study_flags(progress=False)  # --config: configs/iprop_tuning_*.py (required)
+    flags.DEFINE_bool("tune_only", False, "Run the search only and write its report, the held-out test marked "
+                      "pending (rerun without the flag to test the chosen setting on the held-out images).")
 
 
 @shared.one_line_errors  # an OSError (full disk, read-only, name too long...): one line
@@ -41,7 +43,8 @@ def main(argv):
     if FLAGS.config is None:
         shared.refuse("--config: give the study's config file, e.g. --config=configs/iprop_tuning_rise.py")
     study = FLAGS.config.to_dict()
-    command = "python -m experiments.iprop_tuning " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = "python -m experiments.iprop_tuning " + " ".join(
+        shlex.quote(a) for a in sys.argv[1:] if a not in ("--tune_only", "--tune_only=true"))
     runs = pathlib.Path(FLAGS.runs_dir)
     try:
         grid = grid_from(study.get("grid"))
@@ -54,9 +57,11 @@ def main(argv):
 
         tuner = Tuner(split("tune", study["methods"], study["tune_protocol"]), model=model, progress=FLAGS.progress)
         tuning = tune(tuner, grid, study["search"], study["criterion"], study["max_passes"])
-        held = Tuner(split("heldout", study.get("heldout_methods") or study["methods"], study["protocol"]),
-                     model=model, progress=FLAGS.progress)
-        heldout = held_out(held, tuning["chosen"])
+        heldout = None
+        if not FLAGS.tune_only:
+            held = Tuner(split("heldout", study.get("heldout_methods") or study["methods"], study["protocol"]),
+                         model=model, progress=FLAGS.progress)
+            heldout = held_out(held, tuning["chosen"])
     except (ConfigError, ValueError) as err:
         shared.refuse(err)
     record = {**study, "grid": {k: list(v) for k, v in grid.items()}}

@@ -145,6 +145,11 @@ def test_iprop_tuning_study_end_to_end(tmp_path):
         "    c.grid = {'k': [4], 'radius': [1], 'gamma': [0.5, 0.9], 'sigma_c': [0.1], 'color_space': ['rgb'],\n"
         "              'reward': ['sum']}\n"
         "    c.tune_protocol = 'rise_every2'\n"))
+    searched = _cli("experiments.iprop_tuning", config, tmp_path, "--tune_only")
+    assert searched.returncode == 0, searched.stderr[-3000:]
+    assert json.loads((tmp_path / "results" / "iprop_tuning_rise.json").read_text())["heldout"] is None
+    assert "## Held-out split: pending" in (tmp_path / "results" / "iprop_tuning_rise.md").read_text()
+    assert not (tmp_path / "runs" / "iprop_tuning_rise_heldout").exists()
     first = _cli("experiments.iprop_tuning", config, tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     record = json.loads((tmp_path / "results" / "iprop_tuning_rise.json").read_text())
@@ -228,3 +233,20 @@ def test_stability_probes_enter_the_identity_only_when_set():
     assert "nudge_ulps" not in plain and "metric_precision" not in plain  # older run folders keep their identity
     probed = RunConfig(methods=("sm",), out="unused", nudge_ulps=1, metric_precision="float32").identity()
     assert probed["nudge_ulps"] == 1 and probed["metric_precision"] == "float32"
+
+
+def test_iprop_questions_report_reads_a_search_without_its_held_out_test(tmp_path):
+    """A rise tuning JSON written with ``--tune_only`` (held-out pending) gives the chosen setting and says the
+    held-out test is pending; parts not begun say so."""
+    from configs.iprop_questions import get_config
+    from la_iprop.iprop import IPropConfig
+    from la_iprop.studies.iprop_questions_report import write_report
+
+    study = get_config().to_dict()
+    chosen = IPropConfig(gamma=0.9, k=8).as_dict()
+    (tmp_path / study["tuning_report"]).write_text(json.dumps(
+        {"command": "python -m experiments.iprop_tuning --config=configs/iprop_tuning_rise.py", "heldout": None,
+         "tuning": {"chosen": chosen, "criterion": "dir"}}))
+    text = write_report(tmp_path, study, "python -m experiments.iprop_questions").read_text()
+    assert "k=8, R=2, γ=0.9" in text and "the held-out test is pending" in text
+    assert "**Structure controls**: not begun yet" in text and "**Corruption `contrast:3`**: not begun yet" in text

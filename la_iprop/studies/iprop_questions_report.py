@@ -129,8 +129,12 @@ def _rise_tuned(results_dir: pathlib.Path, tuning_report: str) -> tuple[list[str
     heldout, chosen = record["heldout"], record["tuning"]["chosen"]
     lines = [f"Chosen on the tuning split (criterion `{record['tuning']['criterion']}`): k={chosen['k']}, "
              f"R={chosen['radius']}, γ={chosen['gamma']:g}, σ_c={chosen['sigma_c']:g}, {chosen['color_space']}, "
-             f"reward {chosen['reward']} (`{record['command']}`, details in `results/{path.with_suffix('.md').name}`).",
-             "", "| method | n | Δ ins − del (iprop − raw) [95% CI] | Δ dir (iprop − raw) [95% CI] |", "|---|---:|---|---|"]
+             f"reward {chosen['reward']} (`{record['command']}`, details in `results/{path.with_suffix('.md').name}`)."]
+    if heldout is None:  # the search alone so far (--tune_only)
+        return lines + ["", "The held-out test of this setting is pending (the study's command without "
+                        "`--tune_only` runs it)."], {"pending": True}
+    lines += ["", "| method | n | Δ ins − del (iprop − raw) [95% CI] | Δ dir (iprop − raw) [95% CI] |",
+              "|---|---:|---|---|"]
     counts = {metric: {"holds": 0, "does not hold": 0, "inconclusive": 0} for metric in HEADER_METRICS}
     panel = []
     for method, rows in heldout.items():
@@ -178,7 +182,11 @@ def write_report(results_dir: pathlib.Path, study: Mapping[str, Any], command: s
                  f"({la_source[0]}): METHOD+iprop − METHOD per image.", "", *la_lines, ""]
         findings.append(f"**IProp under `rise`, `la` preset** ({la_info['n']} images): {_claim_text(la_info['counts']['dir'])}"
                         f"; ins − del {_counts_text(la_info['counts']['ins_minus_del'])}.")
-    if tuned_lines:
+    if tuned_info.get("pending"):
+        body += ["**(b) The settings tuned under `rise`**:", "", *tuned_lines, ""]
+        findings.append("**IProp under `rise`, rise-tuned settings**: chosen on the tuning split; the held-out test "
+                        "is pending.")
+    elif tuned_lines:
         body += ["**(b) The settings tuned under `rise`** (held-out images):", "", *tuned_lines, ""]
         findings.append(f"**IProp under `rise`, rise-tuned settings** ({tuned_info['n']} held-out images): "
                         f"{_claim_text(tuned_info['counts']['dir'])}; ins − del "

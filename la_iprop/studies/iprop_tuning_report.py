@@ -41,41 +41,8 @@ def _split_text(split: Mapping[str, Any]) -> str:
     return f"{count} images from {start}" + (f" in steps of {stride}" if stride > 1 else "")
 
 
-def write_report(path: pathlib.Path, *, command: str, study: Mapping[str, Any], tuning: Mapping[str, Any],
-                 heldout: Mapping[str, dict], environment: Mapping[str, Any], report_top: int = 15) -> str:
-    """Writes ``path`` (Markdown) and ``path.with_suffix(".json")``; returns the Markdown."""
-    criterion = tuning["criterion"]
-    results, chosen = tuning["settings"], tuning["chosen"]
-    methods = list(study["methods"])
-    better = "higher" if criterion == "ins_minus_del" else "lower"
-    name = {"ins_minus_del": "ins − del", "dir": "dir"}[criterion]
-    ranked = sorted(results.values(), key=lambda r: r["score"], reverse=True)
-    protocol = study["protocol"]
+def _heldout_lines(heldout: Mapping[str, dict]) -> list[str]:
     lines = [
-        f"# IProp tuning under protocol `{protocol}`",
-        "",
-        f"Regenerate with (from the repository root): `{command}`",
-        "",
-        f"Model `{study['model']}`, data `{study['data']}`, method settings `{study['settings']}`, seed "
-        f"{study['seed']}, precision `{study['precision']}`. Protocol `{protocol}` ({PROTOCOL_TEXT[protocol]}). "
-        f"IProp maps are per pixel, broadcast to the 3 channels. Tuning split: {_split_text(study['tune'])}; "
-        f"held-out split: {_split_text(study['heldout'])}. Search `{study['search']}` over "
-        f"{json.dumps({k: list(v) for k, v in study['grid'].items()})} (other settings at the library defaults): "
-        f"{len(results)} settings evaluated, scored with protocol `{study['tune_protocol']}` on the tuning split. "
-        f"Criterion: mean over methods ({', '.join(methods)}) of {name} ({better} is better), from the AUCs of "
-        "the mean curves.",
-        "",
-        f"Environment: jax {environment.get('jax')}, device {environment.get('device', {}).get('kind')} "
-        f"({environment.get('device', {}).get('backend')}), processor {environment.get('processor')}.",
-        "",
-        f"## Chosen setting (best mean {name} on the tuning split)",
-        "",
-        "| k | radius | γ | σ_c | colour space | reward | σ_s | tol | max_iter |",
-        "|---|---|---|---|---|---|---|---|---|",
-        f"| {chosen['k']} | {chosen['radius']} | {chosen['gamma']:g} | {chosen['sigma_c']:g} | "
-        f"{chosen['color_space']} | {chosen['reward']} | {chosen['sigma_s']:g} | {chosen['tol']:g} | "
-        f"{chosen['max_iter']} |",
-        "",
         "## Held-out split: method vs method + control vs method + IProp",
         "",
         "`+ctrl` is the γ = 0 control (the chosen reward rule, no propagation). Gains are mean per-image "
@@ -112,6 +79,52 @@ def write_report(path: pathlib.Path, *, command: str, study: Mapping[str, Any], 
               f"IProp's dir claim (dir lower with IProp than without) holds for {held.count(VERDICTS[0])} of "
               f"{len(heldout)} methods here, does not hold for {held.count(VERDICTS[1])}, inconclusive for "
               f"{held.count(VERDICTS[2])}.", ""]
+    return lines
+
+
+def write_report(path: pathlib.Path, *, command: str, study: Mapping[str, Any], tuning: Mapping[str, Any],
+                 heldout: Mapping[str, dict] | None, environment: Mapping[str, Any], report_top: int = 15) -> str:
+    """Writes ``path`` (Markdown) and ``path.with_suffix(".json")``; returns the Markdown. ``heldout`` None:
+    the search alone (``--tune_only``), the held-out test marked pending."""
+    criterion = tuning["criterion"]
+    results, chosen = tuning["settings"], tuning["chosen"]
+    methods = list(study["methods"])
+    better = "higher" if criterion == "ins_minus_del" else "lower"
+    name = {"ins_minus_del": "ins − del", "dir": "dir"}[criterion]
+    ranked = sorted(results.values(), key=lambda r: r["score"], reverse=True)
+    protocol = study["protocol"]
+    lines = [
+        f"# IProp tuning under protocol `{protocol}`",
+        "",
+        f"Regenerate with (from the repository root): `{command}`",
+        "",
+        f"Model `{study['model']}`, data `{study['data']}`, method settings `{study['settings']}`, seed "
+        f"{study['seed']}, precision `{study['precision']}`. Protocol `{protocol}` ({PROTOCOL_TEXT[protocol]}). "
+        f"IProp maps are per pixel, broadcast to the 3 channels. Tuning split: {_split_text(study['tune'])}; "
+        f"held-out split: {_split_text(study['heldout'])}. Search `{study['search']}` over "
+        f"{json.dumps({k: list(v) for k, v in study['grid'].items()})} (other settings at the library defaults): "
+        f"{len(results)} settings evaluated, scored with protocol `{study['tune_protocol']}` on the tuning split. "
+        f"Criterion: mean over methods ({', '.join(methods)}) of {name} ({better} is better), from the AUCs of "
+        "the mean curves.",
+        "",
+        f"Environment: jax {environment.get('jax')}, device {environment.get('device', {}).get('kind')} "
+        f"({environment.get('device', {}).get('backend')}), processor {environment.get('processor')}.",
+        "",
+        f"## Chosen setting (best mean {name} on the tuning split)",
+        "",
+        "| k | radius | γ | σ_c | colour space | reward | σ_s | tol | max_iter |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| {chosen['k']} | {chosen['radius']} | {chosen['gamma']:g} | {chosen['sigma_c']:g} | "
+        f"{chosen['color_space']} | {chosen['reward']} | {chosen['sigma_s']:g} | {chosen['tol']:g} | "
+        f"{chosen['max_iter']} |",
+        "",
+    ]
+    if heldout is None:
+        lines += ["## Held-out split: pending", "",
+                  f"The chosen setting has not been tested on the held-out images yet: rerun `{command}` without "
+                  "`--tune_only` (the search's runs are stored, so only the held-out run is computed).", ""]
+    else:
+        lines += _heldout_lines(heldout)
     lines += ["## Tuning split: raw maps and γ = 0 controls", "",
               "| variant | " + " | ".join(f"{m} {name}" for m in methods) + " | score |",
               "|---|" + "---|" * (len(methods) + 1)]
