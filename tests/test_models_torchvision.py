@@ -127,7 +127,10 @@ class Pair:
         return self.torch_name(("params", *flax_path, "kernel")).rsplit(".", 1)[0]
 
 
-@pytest.fixture(scope="module", params=list(TORCH_NAMES))
+# ResNet-50 is the fast tier's architecture; the others (about 50 s of model building between them) run in
+# the full suite only.
+@pytest.fixture(scope="module", params=[name if name == "resnet50" else pytest.param(name, marks=pytest.mark.slow)
+                                        for name in TORCH_NAMES])
 def pair(request, tmp_path_factory):
     name = request.param
     torch.manual_seed(0)
