@@ -41,7 +41,8 @@ _RUN_FLAGS: dict[str, tuple] = {
               "control (METHOD+ctrl: the same reward rule, no propagation)."),
     "iprop_hparams": (flags.DEFINE_string, "", "IProp overrides on top of --iprop_preset, e.g. 'gamma=0.9,k=8'."),
     "iprop_preset": (flags.DEFINE_string, "la", "The IProp settings METHOD+iprop starts from: la (tuned under "
-                     "protocol la; the default) or another preset of la_iprop.iprop.PRESETS."),
+                     "protocol la; the default) or rise (tuned under protocol rise, criterion dir); "
+                     "la_iprop.iprop.PRESETS."),
     "corruption": (flags.DEFINE_string, None, "An ImageNet-C corruption of every image, NAME:SEVERITY (e.g. "
                    "gaussian_noise:3; needs pip install 'la_iprop[corruptions]'). Part of the run's identity."),
     "corruption_seed": (flags.DEFINE_integer, 0, "Seed of the corruptions' randomness (with each image's id)."),

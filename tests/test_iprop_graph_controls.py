@@ -4,6 +4,7 @@ named presets, the settings check a run engine calls before writing, and maps to
 from __future__ import annotations
 
 import json
+import pathlib
 
 import jax
 import numpy as np
@@ -320,8 +321,17 @@ def test_config_identity_is_json_and_tags_name_the_controls():
 
 # ------------------------------------------------------------------------------------------ presets
 
+def test_the_rise_preset_is_the_setting_its_tuning_study_chose():
+    """PRESETS["rise"] is the chosen setting recorded in results/iprop_tuning_rise.json (the study's evidence)."""
+    record = json.loads((pathlib.Path(__file__).resolve().parents[1] / "results" / "iprop_tuning_rise.json").read_text())
+    assert record["study"]["protocol"] == "rise" and record["tuning"]["criterion"] == "dir"
+    chosen = record["tuning"]["chosen"]
+    assert {k: chosen[k] for k in PRESETS["rise"]} == PRESETS["rise"]
+    assert IPropConfig.from_preset("rise") == IPropConfig(**chosen)
+
+
 def test_presets():
-    assert "la" in PRESETS
+    assert "la" in PRESETS and "rise" in PRESETS
     assert IPropConfig.from_preset("la") == IPropConfig() == resolve_config(preset="la")
     fields = set(IPropConfig().as_dict(full=True))
     for name, hparams in PRESETS.items():

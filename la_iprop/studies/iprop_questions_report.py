@@ -18,6 +18,7 @@ from la_iprop.metrics.comparison import compare
 from la_iprop.metrics.statistics import MeanCI
 from la_iprop.runs.store import atomic_write
 from la_iprop.studies.iprop_questions import KNN, corruption_part, iprop_variant, ood_rows, structure_rows, tally
+from la_iprop.studies.iprop_tuning_report import against_no_propagation
 from la_iprop.studies.la_ablations import VERDICT_WORDS
 from la_iprop.studies.reproduction import read_scores
 
@@ -130,9 +131,13 @@ def _rise_tuned(results_dir: pathlib.Path, tuning_report: str) -> tuple[list[str
     lines = [f"Chosen on the tuning split (criterion `{record['tuning']['criterion']}`): k={chosen['k']}, "
              f"R={chosen['radius']}, γ={chosen['gamma']:g}, σ_c={chosen['sigma_c']:g}, {chosen['color_space']}, "
              f"reward {chosen['reward']} (`{record['command']}`, details in `results/{path.with_suffix('.md').name}`)."]
+    against = against_no_propagation(record["tuning"], record["tuning"]["criterion"]) if "raw" in record["tuning"] \
+        else ""
+    if against:
+        lines += ["", against]
     if heldout is None:  # the search alone so far (--tune_only)
         return lines + ["", "The held-out test of this setting is pending (the study's command without "
-                        "`--tune_only` runs it)."], {"pending": True}
+                        "`--tune_only` runs it)."], {"pending": True, "against": against}
     lines += ["", "| method | n | Δ ins − del (iprop − raw) [95% CI] | Δ dir (iprop − raw) [95% CI] |",
               "|---|---:|---|---|"]
     counts = {metric: {"holds": 0, "does not hold": 0, "inconclusive": 0} for metric in HEADER_METRICS}
@@ -184,8 +189,9 @@ def write_report(results_dir: pathlib.Path, study: Mapping[str, Any], command: s
                         f"; ins − del {_counts_text(la_info['counts']['ins_minus_del'])}.")
     if tuned_info.get("pending"):
         body += ["**(b) The settings tuned under `rise`**:", "", *tuned_lines, ""]
-        findings.append("**IProp under `rise`, rise-tuned settings**: chosen on the tuning split; the held-out test "
-                        "is pending.")
+        findings.append("**IProp under `rise`, rise-tuned settings**: chosen on the tuning split. "
+                        + (tuned_info["against"] + " " if tuned_info["against"] else "")
+                        + "The held-out test is pending.")
     elif tuned_lines:
         body += ["**(b) The settings tuned under `rise`** (held-out images):", "", *tuned_lines, ""]
         findings.append(f"**IProp under `rise`, rise-tuned settings** ({tuned_info['n']} held-out images): "

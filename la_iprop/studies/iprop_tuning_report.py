@@ -11,7 +11,7 @@ import numpy as np
 from la_iprop.metrics.statistics import VERDICTS
 from la_iprop.runs.store import atomic_write, write_json
 
-__all__ = ["write_report"]
+__all__ = ["write_report", "against_no_propagation"]
 
 PROTOCOL_TEXT = {  # how the report describes the protocol it tuned and tested with
     "la": "official LA/MFABA evaluation: softmax probability of the clean top-1 class, all H·W·3 elements ranked, "
@@ -39,6 +39,21 @@ def _setting_text(config: Mapping[str, Any] | None) -> str:
 def _split_text(split: Mapping[str, Any]) -> str:
     start, stride, count = split["start"], split["stride"], split["num_images"]
     return f"{count} images from {start}" + (f" in steps of {stride}" if stride > 1 else "")
+
+
+def against_no_propagation(tuning: Mapping[str, Any], name: str) -> str:
+    """Whether the chosen setting beats the raw maps and the gamma = 0 controls on the tuning split (scores are
+    signed so that higher is better)."""
+    best = max(r["score"] for r in tuning["settings"].values())
+    raw = tuning["raw"]["score"]
+    rule, control = max(tuning["controls"].items(), key=lambda item: item[1]["score"])
+    sign = -1 if name == "dir" else 1
+    verdict = ("propagation improves the criterion on the tuning split" if best > max(raw, control["score"]) else
+               "**no propagated setting of the search beats " + ("the raw maps" if raw >= control["score"] else
+                                                                  f"the γ = 0 control ({rule})")
+               + " on the tuning split**: the chosen setting is the best propagation, not an improvement")
+    return (f"Mean {name} on the tuning split: chosen setting {sign * best:.4f}, raw maps {sign * raw:.4f}, best γ = 0 "
+            f"control ({rule}, no propagation) {sign * control['score']:.4f}: {verdict}.")
 
 
 def _heldout_lines(heldout: Mapping[str, dict]) -> list[str]:
@@ -117,6 +132,8 @@ def write_report(path: pathlib.Path, *, command: str, study: Mapping[str, Any], 
         f"| {chosen['k']} | {chosen['radius']} | {chosen['gamma']:g} | {chosen['sigma_c']:g} | "
         f"{chosen['color_space']} | {chosen['reward']} | {chosen['sigma_s']:g} | {chosen['tol']:g} | "
         f"{chosen['max_iter']} |",
+        "",
+        against_no_propagation(tuning, name),
         "",
     ]
     if heldout is None:
