@@ -248,5 +248,5 @@ def test_iprop_questions_report_reads_a_search_without_its_held_out_test(tmp_pat
         {"command": "python -m experiments.iprop_tuning --config=configs/iprop_tuning_rise.py", "heldout": None,
          "tuning": {"chosen": chosen, "criterion": "dir"}}))
     text = write_report(tmp_path, study, "python -m experiments.iprop_questions").read_text()
-    assert "k=8, R=2, γ=0.9" in text and "the held-out test is pending" in text
+    assert "k=8, R=2, γ=0.9" in text and "The held-out test is pending" in text
     assert "**Structure controls**: not begun yet" in text and "**Corruption `contrast:3`**: not begun yet" in text
