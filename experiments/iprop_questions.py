@@ -40,7 +40,8 @@ def main(argv):
     study = FLAGS.config.to_dict()
     results_dir = pathlib.Path(FLAGS.results_dir)
     section_dir = results_dir / "iprop_questions" / study["name"]
-    args = [a for a in sys.argv[1:] if a not in MODE_FLAGS and not a.startswith(("--parts", "--progress", "--noprogress"))]
+    args = [a for a in sys.argv[1:]
+            if a not in MODE_FLAGS and not a.startswith(("--parts", "--progress", "--noprogress"))]
     if not any(a.startswith("--config") for a in args):
         args.insert(0, "--config=configs/iprop_questions.py")
     command = " ".join(["python -m experiments.iprop_questions", *map(shlex.quote, args)])
