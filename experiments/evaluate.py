@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import pathlib
-import re
 
 from absl import app, flags
 
@@ -40,12 +39,14 @@ def define_flags() -> None:
 
 
 def default_out(maps: str, model: str, data: str, iprop: bool, precision: str = "float32") -> str:
-    parts = ["evaluate", re.sub(r"[^A-Za-z0-9._-]+", "-", pathlib.Path(maps).stem), model, shared.slug(data)]
+    from la_iprop.runs.outdir import data_slug, name_part, short_name
+
+    parts = ["evaluate", name_part(pathlib.Path(maps).stem), model, data_slug(data)]
     if precision != "float32":
         parts.append(precision)
     if iprop:
         parts.append("iprop")
-    return "runs/" + shared.short_name("_".join(parts))  # a long file name or --data path: still one name
+    return "runs/" + short_name("_".join(parts))  # a long file name or --data path: still one name
 
 
 @shared.one_line_errors  # an OSError (full disk, read-only, name too long...): one line

@@ -1,19 +1,20 @@
 """The command-line flags shared by the CLIs, defined once, and their mapping onto a run.
 
 Each CLI defines the groups it needs (:func:`define_run_flags`, :func:`define_multihost_flags`)
-and calls :func:`run_config_from_flags` to turn them into a :class:`la_iprop.runs.RunConfig`:
-the same configuration a study's config file builds (``configs/*.py``). A refused flag is one
-line on stderr and exit status 1 (:func:`parse_flags`, :func:`refuse`), before anything is written.
-An error of the operating system while a CLI runs (a full disk, a read-only file system, a name too
-long, no permission, a file where a folder should be, a move across file systems) is one line too,
-naming the path (:func:`one_line_errors`, which every CLI's ``main`` is wrapped in).
+and calls :func:`run_fields_from_flags` to turn them into the fields of a :class:`la_iprop.runs.RunConfig`:
+the same configuration a study's config file builds (``configs/*.py``); a study's CLI defines
+:func:`define_study_flags` and records :func:`study_command`. A refused flag is one line on stderr and
+exit status 1 (:func:`parse_flags`, :func:`refuse`), before anything is written. An error of the
+operating system while a CLI runs (a full disk, a read-only file system, a name too long, no
+permission, a file where a folder should be, a move across file systems) is one line too, naming the
+path (:func:`one_line_errors`, which every CLI's ``main`` is wrapped in; the line is
+:func:`la_iprop.runs.files.os_error_line`).
 """
 
 from __future__ import annotations
 
-import errno
 import functools
-import re
+import shlex
 import sys
 from typing import Any, Callable
 
@@ -82,6 +83,17 @@ def define_study_flags(*, config: str | None = None, config_file: bool = True, r
         flags.DEFINE_bool("interim", False, "Compute nothing: report what the runs have finished so far.")
 
 
+def study_command(module: str, *, drop: tuple[str, ...] = (), config: str | None = None) -> str:
+    """The command a study's report records: ``python -m MODULE`` with this command line's arguments but
+    the flags named in ``drop`` (in any form: ``--x``, ``--x=v``, ``--nox``), and ``--config=CONFIG``
+    first when the command line gives no ``--config``."""
+    dropped = {f"--{name}" for name in drop} | {f"--no{name}" for name in drop}
+    args = [a for a in sys.argv[1:] if a.split("=", 1)[0] not in dropped]
+    if config is not None and not any(a.split("=", 1)[0] == "--config" for a in args):
+        args.insert(0, f"--config={config}")
+    return " ".join([f"python -m {module}", *map(shlex.quote, args)])
+
+
 def define_multihost_flags() -> None:
     """The multi-process flags (docs/multihost.md): every process runs the same command with its own
     --process_id."""
@@ -138,50 +150,17 @@ def run_fields_from_flags(methods: tuple[str, ...], names: tuple[str, ...] | Non
     return fields
 
 
-def slug(data: str) -> str:
-    """A file-name-safe short name of a data source (its last path component)."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", data.split(":", 1)[-1].rstrip("/").split("/")[-1] or data)
-
-
-def short_name(name: str) -> str:
-    """A derived ``--out`` folder name that fits the file system (255 bytes per name): ``name``, or its
-    longest prefix within the budget plus a hash of the whole (:func:`la_iprop.runs.outdir.short_name`;
-    the same flags give the same folder, so rerunning a command still resumes its run)."""
-    from la_iprop.runs.outdir import short_name as shorten
-
-    return shorten(name)
-
-
 def refuse(err: BaseException | str) -> None:
     """A refused flag, config or file: one line on stderr, exit status 1."""
     text = " ".join(str(err).split("\n")).strip() or type(err).__name__
     sys.exit(f"error: {text}")
 
 
-_OS_HINTS = {
-    errno.ENOSPC: "no space left on the device: free some space or use another --out, then rerun to resume",
-    errno.EROFS: "the file system is read-only: use another --out",
-    errno.ENAMETOOLONG: "a name on the path is longer than the file system allows: use a shorter --out",
-    errno.EACCES: "permission denied: use a folder you may write to",
-    errno.EPERM: "operation not permitted: use a folder you may write to",
-    errno.ENOTDIR: "a file stands where a folder is needed on the path",
-    errno.EXDEV: "a move across file systems failed",
-    errno.EDQUOT: "disk quota exceeded: free some space or use another --out, then rerun to resume",
-}
-
-
-def os_error_line(err: OSError) -> str:
-    """One line for an error of the operating system: the path (or paths) it concerns, the error's name
-    and what to do about it."""
-    paths = " -> ".join(str(p) for p in (err.filename, err.filename2) if p is not None)
-    name = errno.errorcode.get(err.errno, "") if err.errno is not None else ""
-    what = _OS_HINTS.get(err.errno, err.strerror or str(err))
-    return f"{paths or 'a file of the run'}: {what}" + (f" ({name})" if name else "")
-
-
 def one_line_errors(main: Callable) -> Callable:
     """A CLI's ``main`` whose OSErrors (from any write of the run, report or study) end as one line on
     stderr naming the path, and exit status 1; a refused flag (``ConfigError``) is refused inside ``main``."""
+    from la_iprop.runs.files import os_error_line
+
     @functools.wraps(main)
     def wrapped(*args, **kwargs):
         try:

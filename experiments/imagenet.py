@@ -33,8 +33,10 @@ def define_flags() -> None:
 
 def default_out(fields: dict) -> str:
     """``runs/<methods>_<model>_<data>_<settings>_seed<seed>[_<precision>][_iprop][_<range>]``, shortened with a
-    hash when it would not fit a file name (:func:`experiments.flags.short_name`)."""
-    parts = ["-".join(fields["methods"]), fields["model"], shared.slug(fields["data"]), fields["settings"],
+    hash when it would not fit a file name (:func:`la_iprop.runs.outdir.short_name`)."""
+    from la_iprop.runs.outdir import data_slug, short_name
+
+    parts = ["-".join(fields["methods"]), fields["model"], data_slug(fields["data"]), fields["settings"],
              f"seed{fields['seed']}"]
     if fields["precision"] != "float32":
         parts.append(fields["precision"])
@@ -47,7 +49,7 @@ def default_out(fields: dict) -> str:
     if count is not None or start or stride != 1:
         stop = start + count * stride if count else "end"
         parts.append(f"{start}-{stop}" + (f"-by{stride}" if stride != 1 else ""))
-    return "runs/" + shared.short_name("_".join(parts))  # many methods or a long --data path: still one name
+    return "runs/" + short_name("_".join(parts))  # many methods or a long --data path: still one name
 
 
 @shared.one_line_errors  # an OSError (full disk, read-only, name too long...): one line

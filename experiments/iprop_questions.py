@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import logging
 import pathlib
-import shlex
-import sys
 
 from absl import app, flags
 
@@ -20,7 +18,6 @@ from experiments import flags as shared
 
 FLAGS = flags.FLAGS
 parse_flags = shared.parse_flags
-MODE_FLAGS = ("--interim", "--interim=true", "--report_only", "--report_only=true")
 
 
 def define_flags() -> None:
@@ -40,11 +37,8 @@ def main(argv):
     study = FLAGS.config.to_dict()
     results_dir = pathlib.Path(FLAGS.results_dir)
     section_dir = results_dir / "iprop_questions" / study["name"]
-    args = [a for a in sys.argv[1:]
-            if a not in MODE_FLAGS and not a.startswith(("--parts", "--progress", "--noprogress"))]
-    if not any(a.startswith("--config") for a in args):
-        args.insert(0, "--config=configs/iprop_questions.py")
-    command = " ".join(["python -m experiments.iprop_questions", *map(shlex.quote, args)])
+    command = shared.study_command("experiments.iprop_questions", drop=("interim", "report_only", "parts", "progress"),
+                                   config="configs/iprop_questions.py")
     if not FLAGS.report_only:
         try:
             configs = part_configs(study, pathlib.Path(FLAGS.runs_dir), FLAGS.parts or study["parts"])

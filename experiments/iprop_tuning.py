@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import logging
 import pathlib
-import shlex
-import sys
 
 from absl import app, flags
 
@@ -43,8 +41,7 @@ def main(argv):
     if FLAGS.config is None:
         shared.refuse("--config: give the study's config file, e.g. --config=configs/iprop_tuning_rise.py")
     study = FLAGS.config.to_dict()
-    command = "python -m experiments.iprop_tuning " + " ".join(
-        shlex.quote(a) for a in sys.argv[1:] if a not in ("--tune_only", "--tune_only=true"))
+    command = shared.study_command("experiments.iprop_tuning", drop=("tune_only",))
     runs = pathlib.Path(FLAGS.runs_dir)
     try:
         grid = grid_from(study.get("grid"))

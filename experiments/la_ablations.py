@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import logging
 import pathlib
-import shlex
-import sys
 
 from absl import app, flags
 
@@ -51,8 +49,7 @@ def main(argv):
                     copy_file(pathlib.Path(config.out) / file, section / file)
         except (ConfigError, ValueError, RuntimeError) as err:
             shared.refuse(err)
-        command = "python -m experiments.la_ablations " + " ".join(
-            shlex.quote(a) for a in sys.argv[1:] if a not in ("--interim", "--interim=true"))
+        command = shared.study_command("experiments.la_ablations", drop=("interim",))
         atomic_write(section / "command.txt", lambda f: f.write(command + "\n"))
     print(write_report(results_dir, name, questions, reproduction))
     return 0

@@ -536,7 +536,7 @@ def test_derived_out_names_fit_the_file_system():
 
 
 def test_os_error_line_names_both_paths_of_a_move():
-    from experiments.flags import os_error_line
+    from la_iprop.runs.files import os_error_line
     err = OSError(errno.EXDEV, os.strerror(errno.EXDEV), "/a/batch.npz", None, "/b/quarantine/batch.npz")
     assert os_error_line(err) == "/a/batch.npz -> /b/quarantine/batch.npz: a move across file systems failed (EXDEV)"
     with contextlib.suppress(AttributeError):  # errno.EDQUOT is not on every platform

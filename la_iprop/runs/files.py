@@ -4,7 +4,7 @@ that name the file the run meant to write.
 Why a module of its own: every writer of the run engine (the store, the reports, the studies) goes
 through :func:`atomic_write`, so a disk that fills up, a read-only mount or a name too long for the file
 system ends the same way everywhere: an ``OSError`` whose ``filename`` is the target (not the temporary
-file beside it), which the CLIs turn into one line (``experiments.flags``). :func:`move_file` is the
+file beside it), which the CLIs turn into one line (:func:`os_error_line`). :func:`move_file` is the
 quarantine's move: a rename, or, when the target is on another file system (``EXDEV``), a copy that is on
 disk (fsync) before the original is unlinked, so a damaged batch file is never lost on the way.
 """
@@ -19,7 +19,7 @@ import shutil
 import tempfile
 from typing import Any, Callable
 
-__all__ = ["atomic_write", "copy_file", "write_json", "move_file", "naming"]
+__all__ = ["atomic_write", "copy_file", "write_json", "move_file", "naming", "os_error_line"]
 
 
 def _umask() -> int:
@@ -103,3 +103,24 @@ def move_file(source: str | os.PathLike, target: str | os.PathLike) -> None:
     shutil.copystat(source, target)
     _fsync_directory(target.parent)
     os.unlink(source)
+
+
+_OS_HINTS = {
+    errno.ENOSPC: "no space left on the device: free some space or use another --out, then rerun to resume",
+    errno.EROFS: "the file system is read-only: use another --out",
+    errno.ENAMETOOLONG: "a name on the path is longer than the file system allows: use a shorter --out",
+    errno.EACCES: "permission denied: use a folder you may write to",
+    errno.EPERM: "operation not permitted: use a folder you may write to",
+    errno.ENOTDIR: "a file stands where a folder is needed on the path",
+    errno.EXDEV: "a move across file systems failed",
+    errno.EDQUOT: "disk quota exceeded: free some space or use another --out, then rerun to resume",
+}
+
+
+def os_error_line(err: OSError) -> str:
+    """One line for an error of the operating system: the path (or paths) it concerns, the error's name
+    and what to do about it."""
+    paths = " -> ".join(str(p) for p in (err.filename, err.filename2) if p is not None)
+    name = errno.errorcode.get(err.errno, "") if err.errno is not None else ""
+    what = _OS_HINTS.get(err.errno, err.strerror or str(err))
+    return f"{paths or 'a file of the run'}: {what}" + (f" ({name})" if name else "")

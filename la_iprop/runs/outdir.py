@@ -28,7 +28,8 @@ from typing import Iterable
 
 from la_iprop.runs.store import ConfigError
 
-__all__ = ["RUN_MARKER", "SWEEP_MARKER", "NAME_BUDGET", "check_out", "short_name", "file_name", "run_inner_paths"]
+__all__ = ["RUN_MARKER", "SWEEP_MARKER", "NAME_BUDGET", "check_out", "short_name", "file_name", "name_part",
+           "data_slug", "run_inner_paths"]
 
 RUN_MARKER = "run.json"
 SWEEP_MARKER = "sweep.json"
@@ -54,6 +55,17 @@ def file_name(text: str, limit: int = NAME_BUDGET) -> str:
     become ``-`` (no ``/``, no leading dot), shortened by :func:`short_name`."""
     safe = re.sub(r"[^A-Za-z0-9._=+@-]+", "-", text).lstrip(".") or "-"
     return short_name(safe, limit)
+
+
+def name_part(text: str) -> str:
+    """``text`` as one part of a derived folder name: runs of other characters than letters, digits and
+    ``._-`` become ``-`` (the CLIs join such parts into their default ``--out``)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text)
+
+
+def data_slug(data: str) -> str:
+    """A data source (``--data``) as a name part: the last component of its path."""
+    return name_part(data.split(":", 1)[-1].rstrip("/").split("/")[-1] or data)
 
 
 def run_inner_paths(variants: Iterable[str], protocols: Iterable[str]) -> list[str]:

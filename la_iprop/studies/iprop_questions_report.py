@@ -131,8 +131,7 @@ def _rise_tuned(results_dir: pathlib.Path, tuning_report: str) -> tuple[list[str
     lines = [f"Chosen on the tuning split (criterion `{record['tuning']['criterion']}`): k={chosen['k']}, "
              f"R={chosen['radius']}, γ={chosen['gamma']:g}, σ_c={chosen['sigma_c']:g}, {chosen['color_space']}, "
              f"reward {chosen['reward']} (`{record['command']}`, details in `results/{path.with_suffix('.md').name}`)."]
-    against = against_no_propagation(record["tuning"], record["tuning"]["criterion"]) if "raw" in record["tuning"] \
-        else ""
+    against = against_no_propagation(record["tuning"]) if "raw" in record["tuning"] else ""
     if against:
         lines += ["", against]
     if heldout is None:  # the search alone so far (--tune_only)

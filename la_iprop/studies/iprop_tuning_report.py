@@ -10,6 +10,9 @@ import numpy as np
 
 from la_iprop.metrics.statistics import VERDICTS
 from la_iprop.runs.store import atomic_write, write_json
+from la_iprop.studies.iprop_tuning import CRITERIA
+
+CRITERION_NAMES = {"ins_minus_del": "ins − del", "dir": "dir"}
 
 __all__ = ["write_report", "against_no_propagation"]
 
@@ -41,13 +44,13 @@ def _split_text(split: Mapping[str, Any]) -> str:
     return f"{count} images from {start}" + (f" in steps of {stride}" if stride > 1 else "")
 
 
-def against_no_propagation(tuning: Mapping[str, Any], name: str) -> str:
+def against_no_propagation(tuning: Mapping[str, Any]) -> str:
     """Whether the chosen setting beats the raw maps and the gamma = 0 controls on the tuning split (scores are
-    signed so that higher is better)."""
+    signed so that higher is better; the line shows them unsigned)."""
     best = max(r["score"] for r in tuning["settings"].values())
     raw = tuning["raw"]["score"]
     rule, control = max(tuning["controls"].items(), key=lambda item: item[1]["score"])
-    sign = -1 if name == "dir" else 1
+    sign, name = CRITERIA[tuning["criterion"]], CRITERION_NAMES[tuning["criterion"]]
     verdict = ("propagation improves the criterion on the tuning split" if best > max(raw, control["score"]) else
                "**no propagated setting of the search beats " + ("the raw maps" if raw >= control["score"] else
                                                                   f"the γ = 0 control ({rule})")
@@ -105,7 +108,7 @@ def write_report(path: pathlib.Path, *, command: str, study: Mapping[str, Any], 
     results, chosen = tuning["settings"], tuning["chosen"]
     methods = list(study["methods"])
     better = "higher" if criterion == "ins_minus_del" else "lower"
-    name = {"ins_minus_del": "ins − del", "dir": "dir"}[criterion]
+    name = CRITERION_NAMES[criterion]
     ranked = sorted(results.values(), key=lambda r: r["score"], reverse=True)
     protocol = study["protocol"]
     lines = [
@@ -133,7 +136,7 @@ def write_report(path: pathlib.Path, *, command: str, study: Mapping[str, Any], 
         f"{chosen['color_space']} | {chosen['reward']} | {chosen['sigma_s']:g} | {chosen['tol']:g} | "
         f"{chosen['max_iter']} |",
         "",
-        against_no_propagation(tuning, name),
+        against_no_propagation(tuning),
         "",
     ]
     if heldout is None:
