@@ -40,6 +40,12 @@ def in_float64(test):
     return wrapper
 
 
+def fast_tier_subset(values, fast):
+    """Parameters for a test over many values: those in `fast` stay in the fast tier
+    (`-m "not slow"`), the others are marked slow; the full suite runs them all."""
+    return [pytest.param(value, marks=() if value in fast else pytest.mark.slow) for value in values]
+
+
 def chw_to_hwc(array: np.ndarray) -> np.ndarray:
     return np.transpose(array, (0, 2, 3, 1))
 

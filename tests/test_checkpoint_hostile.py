@@ -32,6 +32,10 @@ STANDALONE_CAP = 1 * 2**30  # the reader alone (numpy, no jax) needs ~150 MiB of
 CLI_CAP = 4 * 2**30         # jax's CPU client alone reserves ~1.5 GiB
 
 
+# Every test shares the hostile files' subprocess run (about 15 s in all): the full suite's tier.
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def hostile(tmp_path_factory):
     from la_iprop.models import load_model, load_state_dict
@@ -56,7 +60,6 @@ def hostile(tmp_path_factory):
             "by_name": {c["name"]: c for c in cases}, "directory": directory}
 
 
-@pytest.mark.slow
 def test_there_are_enough_cases_in_every_format(hostile):
     hostile_cases = [c for c in hostile["cases"] if c["expect"] == "error"]
     formats = {prefix: sum(c["name"].startswith(prefix) for c in hostile_cases) for prefix in ("zip", "legacy", "msgpack")}

@@ -173,6 +173,7 @@ def reference_run_float64(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # builds the module's reference runs (~45 s each)
 def test_changed_settings_in_same_out_are_refused(reference_run):
     out, _ = reference_run
     with pytest.raises(ConfigError, match="different settings .*seed"):
@@ -257,6 +258,7 @@ def test_iprop_variant_equals_wrapped_method(tmp_path):
     assert [r["method"] for r in _rows(tmp_path)] == ["sm", "sm", "sm+ctrl", "sm+ctrl", "sm+iprop", "sm+iprop"]
 
 
+@pytest.mark.slow  # builds the module's reference runs (~45 s each)
 def test_float64_run_keeps_float64_maps_and_is_never_resumed_as_float32(reference_run, reference_run_float64):
     """--precision=float64: the maps are stored in float64, the summary says so, and the same folder
     refuses a float32 run (and the float32 folder a float64 one)."""

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, fast_tier_subset
 
 from la_iprop.attribution import available_methods, get_method, method_hparams
 from la_iprop.attribution.base import split_per_image
@@ -161,7 +161,7 @@ def test_precision_is_not_a_hyperparameter():
 
 # --- float64: every method, exactly batch independent --------------------------------------------------------
 
-@pytest.mark.parametrize("name", sorted(available_methods()))
+@pytest.mark.parametrize("name", fast_tier_subset(sorted(available_methods()), fast={"la", "sm"}))
 def test_float64_is_exactly_batch_independent(name, tiny):
     """A batch of 3 vs each image alone with its own key: equal to 1e-10 in float64 (in float32 the
     sign/rank-driven methods are chaotic, see results/stability.md)."""
@@ -175,7 +175,7 @@ def test_float64_is_exactly_batch_independent(name, tiny):
     assert not jax.config.jax_enable_x64
 
 
-@pytest.mark.parametrize("name", sorted(available_methods()))
+@pytest.mark.parametrize("name", fast_tier_subset(sorted(available_methods()), fast={"la", "sg"}))
 def test_float64_and_float32_share_random_draws(name, tiny):
     """Random draws are made in float32 and cast, so float64 differs from float32 by rounding, not by the
     noise realisation: on this smooth tiny model every method's two maps correlate (measured >= 0.99999999)."""

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import fast_tier_subset
 from jax import export
 
 from la_iprop.attribution import available_methods, get_method
@@ -129,7 +130,7 @@ def test_model_forward_precision_on_accelerators(model_name, precision, request)
 
 
 @pytest.mark.parametrize("precision", FLOAT32_MODES)
-@pytest.mark.parametrize("method,hparams", [("sm", {}), ("ig", {"steps": 3})])
+@pytest.mark.parametrize("method,hparams", [("sm", {}), pytest.param("ig", {"steps": 3}, marks=pytest.mark.slow)])
 def test_gradient_method_precision_on_accelerators(method, hparams, precision, lite0_abstract):
     """The registered entry point, called with ``precision=`` inside the exported function."""
     def explain(model, images, labels):
@@ -290,7 +291,7 @@ def tiny_cpu():
     return model, np.random.default_rng(2).uniform(0.05, 1.0, (2, 8, 8, 3)).astype(np.float32), np.array([3, 7])
 
 
-@pytest.mark.parametrize("name", sorted(available_methods()))
+@pytest.mark.parametrize("name", fast_tier_subset(sorted(available_methods()), fast={"la", "sm"}))
 def test_float32_and_float32_fast_are_bit_identical_on_cpu(name, tiny_cpu):
     """The CPU computes every float32 dot/convolution in float32 whatever the stated precision, so HIGHEST
     changes no bit there: every registered method's maps (tiny classifier)."""

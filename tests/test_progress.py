@@ -37,7 +37,8 @@ def _inputs():
 # float64 is the bit-reproducible mode; float32 was also checked bit for bit with Lite0 on la1000
 # images under the full la and rise protocols (and the runner test below compares float32 scores).
 @pytest.mark.parametrize("precision,protocol", [("float64", get_protocol("la", step=48)),
-                                                ("float32", get_protocol("rise", step=16))])
+                                                pytest.param("float32", get_protocol("rise", step=16),
+                                                             marks=pytest.mark.slow)])
 def test_evaluate_progress_reports_every_chunk_and_changes_no_bit(precision, protocol):
     images, maps = _inputs()
     plain = evaluate(_tiny_cnn, images, maps, protocol=protocol, chunk_size=7, precision=precision)
