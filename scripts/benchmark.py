@@ -3,6 +3,7 @@
     python scripts/benchmark.py la --batch=1,8
     python scripts/benchmark.py all --quick --json=out.json
     python scripts/benchmark.py vs-torch          # side by side with PyTorch / the official loops
+    python scripts/benchmark.py profile           # Lite0's time per XLA op, named by layer
 
 The first argument that is not a flag names the subcommand (its flags may come before or after it).
 Flags are absl flags: a list is comma separated (``--batch=1,8``), a boolean ``--quick`` or
@@ -31,7 +32,7 @@ from bench_common import environment, refuse  # noqa: E402
 from la_iprop.precision import PRECISIONS  # noqa: E402
 
 FLAGS = flags.FLAGS
-COMPONENTS = ["la", "metrics", "iprop", "models", "methods", "vs-torch", "bf16"]
+COMPONENTS = ["la", "metrics", "iprop", "models", "methods", "vs-torch", "bf16", "profile"]
 
 
 def _available():

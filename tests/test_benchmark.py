@@ -53,6 +53,39 @@ def test_quick_bf16_benchmark_times_both_forwards(tmp_path):
 
 
 @pytest.mark.slow
+def test_quick_profile_names_the_layers_of_lite0(tmp_path):
+    """``profile --quick``: the forward's FLOPs are Lite0's (0.80 GFLOP per image by XLA's cost analysis),
+    and its listed ops are named by the model's layers (the stem convolution among them)."""
+    out = tmp_path / "profile.json"
+    result = subprocess.run([sys.executable, "scripts/benchmark.py", f"--json={out}", "profile", "--quick",
+                             "--top=40"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    forward, gradient = json.loads(out.read_text())["profile"]["rows"]
+    assert forward["program"] == "forward" and gradient["program"] == "input_gradient"
+    assert forward["gflop"] / forward["batch"] == pytest.approx(0.80, abs=0.01)
+    assert gradient["gflop"] > 1.5 * forward["gflop"]
+    layers = [op["layer"] for op in forward["ops"]]
+    assert "conv_stem/conv/conv_general_dilated" in layers and any(lay.startswith("blocks_") for lay in layers)
+    assert any(op["layer"].startswith("backward: ") for op in gradient["ops"])
+    assert all(0 < op["share"] <= 1 for op in forward["ops"] + gradient["ops"])
+
+
+def test_profile_reads_layers_from_the_hlo_and_times_from_the_trace():
+    with _scripts_on_path():
+        from bench_profile import layer_names, op_times
+    hlo = """
+  %fusion.3 = f32[8,112,112,32]{3,2,1,0} fusion(%p0), kind=kCustom, metadata={op_name="jit(<lambda>)/EfficientNetLite/conv_stem/conv/conv_general_dilated" stack_frame_id=9}
+  ROOT %fusion.7 = f32[8,3]{1,0} fusion(%a), kind=kLoop, metadata={op_name="jit(<lambda>)/transpose(jvp(EfficientNetLite))/blocks_1/bn0/mul"}
+  %constant.1 = f32[] constant(0)
+"""
+    names = layer_names(hlo)
+    assert names == {"fusion.3": "conv_stem/conv/conv_general_dilated", "fusion.7": "backward: blocks_1/bn0/mul"}
+    events = [{"ph": "X", "name": "fusion.3", "dur": 5.0}, {"ph": "X", "name": "fusion.3", "dur": 2.0},
+              {"ph": "X", "name": "ThunkExecutor::Execute", "dur": 100.0}, {"ph": "i", "name": "fusion.7"}]
+    assert op_times(events, names) == {"fusion.3": 7.0}
+
+
+@pytest.mark.slow
 def test_quick_vs_torch_benchmark_runs_side_by_side(tmp_path):
     """``vs-torch --quick``: every part runs and the transcribed official loops give our results."""
     out = tmp_path / "vs_torch.json"
