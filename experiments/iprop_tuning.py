@@ -41,7 +41,7 @@ def main(argv):
     if FLAGS.config is None:
         shared.refuse("--config: give the study's config file, e.g. --config=configs/iprop_tuning_rise.py")
     study = FLAGS.config.to_dict()
-    command = shared.study_command("experiments.iprop_tuning", drop=("tune_only",))
+    command = shared.study_command("experiments.iprop_tuning", drop=("tune_only", "progress"))
     runs = pathlib.Path(FLAGS.runs_dir)
     try:
         grid = grid_from(study.get("grid"))
