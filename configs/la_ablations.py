@@ -23,6 +23,10 @@ QUESTIONS = {
     "Local vs global exploration": ["default", "pgd_box", "pgd_none", "pgd_box_step1", "pgd_none_step1"],
 }
 
+# Direct comparisons (a − b), beyond each variant against the default: the same PGD walk without and
+# with the local box is the paper's local-vs-global question with everything else equal.
+PAIRS = (("pgd_none", "pgd_box"), ("pgd_none_step1", "pgd_box_step1"))
+
 VARIANTS = {
     "default": {},
     "s5": {"spatial_range": 5.0}, "s15": {"spatial_range": 15.0}, "s20": {"spatial_range": 20.0},
@@ -60,4 +64,5 @@ def get_config() -> ml_collections.ConfigDict:
     config.variants = VARIANTS
     config.questions = QUESTIONS
     config.question_order = tuple(QUESTIONS)  # (a ConfigDict sorts its keys)
+    config.pairs = PAIRS
     return config

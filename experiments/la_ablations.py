@@ -17,7 +17,7 @@ from experiments import flags as shared
 
 FLAGS = flags.FLAGS
 parse_flags = shared.parse_flags
-STUDY_KEYS = ("name", "reproduction", "variants", "questions", "question_order")
+STUDY_KEYS = ("name", "reproduction", "variants", "questions", "question_order", "pairs")
 
 
 def define_flags() -> None:
@@ -31,11 +31,15 @@ def main(argv):
     from la_iprop.runs import ConfigError
     from la_iprop.runs.engine import run
     from la_iprop.runs.store import atomic_write, copy_file
-    from la_iprop.studies.la_ablations import study_config, write_interim_section, write_report
+    from la_iprop.studies.la_ablations import check_pairs, study_config, write_interim_section, write_report
 
     study = FLAGS.config.to_dict()
-    name, reproduction, variants, questions, order = (study.pop(k) for k in STUDY_KEYS)
+    name, reproduction, variants, questions, order, pairs = (study.pop(k) for k in STUDY_KEYS)
     questions = {q: questions[q] for q in order}
+    try:
+        pairs = check_pairs(pairs, variants)
+    except ValueError as err:
+        shared.refuse(err)
     results_dir = pathlib.Path(FLAGS.results_dir)
     section = results_dir / "la_ablations" / name
     if not FLAGS.report_only:
@@ -51,7 +55,7 @@ def main(argv):
             shared.refuse(err)
         command = shared.study_command("experiments.la_ablations", drop=("interim",))
         atomic_write(section / "command.txt", lambda f: f.write(command + "\n"))
-    print(write_report(results_dir, name, questions, reproduction))
+    print(write_report(results_dir, name, questions, reproduction, pairs))
     return 0
 
 

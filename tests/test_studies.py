@@ -97,6 +97,28 @@ def test_tuning_labels_and_scores():
         grid_from({"gamma": []})
 
 
+def test_la_ablations_direct_comparisons():
+    """A pair is scored as a − b on the images both variants have; bad pairs are one-line errors."""
+    from la_iprop.metrics.comparison import Scores
+    from la_iprop.studies.la_ablations import check_pairs, pair_rows
+
+    variants = {"default": {}, "pgd_box": {}, "pgd_none": {}}
+    rng = np.random.default_rng(0)
+    box = Scores(np.arange(6), rng.uniform(size=6), rng.uniform(size=6))
+    none = Scores(np.arange(2, 8), box.insertion[[2, 3, 4, 5, 0, 1]] + 0.5, rng.uniform(size=6))
+    scores = {"la": {"la@pgd_box": box, "la@pgd_none": none}, "rise": {"la@pgd_box": box}}
+    rows = pair_rows(scores, check_pairs([("pgd_none", "pgd_box")], variants))
+    assert [(r["a"], r["b"], r["protocol"]) for r in rows] == [("pgd_none", "pgd_box", "la")]  # rise: one side only
+    shared = np.arange(2, 6)
+    diff = (none.insertion[:4] - none.deletion[:4]) - (box.insertion[shared] - box.deletion[shared])
+    assert rows[0]["comparison"].n == 4
+    assert rows[0]["comparison"].differences["ins_minus_del"].mean == pytest.approx(diff.mean())
+    for pairs, match in [([("pgd_none",)], "is not a pair"), (["ab"], "is not a pair"),
+                         ([("pgd_none", "pgd")], "'pgd' is not a variant"), ([("pgd_box", "pgd_box")], "itself")]:
+        with pytest.raises(ValueError, match=match):
+            check_pairs(pairs, variants)
+
+
 def _cli(module: str, config: pathlib.Path, tmp_path: pathlib.Path, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     return subprocess.run([sys.executable, str(TINY), module, f"--config={config}", f"--runs_dir={tmp_path / 'runs'}",
@@ -120,13 +142,15 @@ def test_la_ablations_study_end_to_end(tmp_path):
         "    c.variants = {'default': {}, 's5': {'spatial_range': 5.0}, 'untargeted': {'strategy': 'untargeted'}}\n"
         "    c.questions = {'Spatial range': ['s5', 'default'], 'Strategy': ['default', 'untargeted']}\n"
         "    c.question_order = ('Spatial range', 'Strategy')\n"
+        "    c.pairs = (('untargeted', 's5'),)\n"
         "    c.model = 'tiny_cnn'; c.data = 'samples'; c.num_images = 2; c.stride = 1; c.batch_size = 2\n"
         "    c.reproduction = ''\n"))
     first = _cli("experiments.la_ablations", config, tmp_path, "--progress=false")
     assert first.returncode == 0, first.stderr[-3000:]
     report = (tmp_path / "results" / "LA_ABLATIONS.md").read_text()
     assert "## Spatial range" in report and "`la@s5`" in report and "`la@untargeted`" in report
-    assert report.index("## Spatial range") < report.index("## Strategy")
+    assert report.index("## Spatial range") < report.index("## Strategy") < report.index("## Direct comparisons")
+    assert "| `untargeted` − `s5` | la | 2 |" in report
     summary = json.loads((tmp_path / "results" / "la_ablations" / "cpu_quick_64" / "summary.json").read_text())
     assert summary["resolved"]["methods"]["la@untargeted"]["strategy"] == "untargeted"
     again = _cli("experiments.la_ablations", config, tmp_path, "--progress=false")

@@ -12,6 +12,10 @@ its variants with the default LA (``la``) on the images both have:
 - the cost of each variant: seconds per image (median over images of the attribution time of
   their batch, this run's device) and model passes per image (:func:`la_iprop.attribution.la.la_cost`).
 
+Direct comparisons (``pairs``) pair two variants with each other rather than with the default, for
+a question whose variants differ from the default in more than one thing (``pgd_none − pgd_box``:
+the same PGD walk without and with the local box, the paper's local-vs-global thesis).
+
 :func:`write_report` builds ``LA_ABLATIONS.md`` and its figures from the run's ``results.csv``
 and ``summary.json`` (copied next to the report), so the report is regenerated without the run.
 """
@@ -32,8 +36,8 @@ from la_iprop.runs.config import VARIANT_SEPARATOR, RunConfig
 from la_iprop.runs.store import atomic_write
 from la_iprop.studies.reproduction import read_scores
 
-__all__ = ["DEFAULT", "study_config", "read_study", "question_tables", "write_report", "seed_spread",
-           "write_interim_section"]
+__all__ = ["DEFAULT", "study_config", "read_study", "question_tables", "pair_rows", "check_pairs",
+           "write_report", "seed_spread", "write_interim_section"]
 
 DEFAULT = "la"  # the default variant: LA at the run's settings, no override
 VERDICT_WORDS = {"holds": "better", "does not hold": "worse", "inconclusive": "inconclusive"}
@@ -128,6 +132,34 @@ def question_tables(scores: dict[str, dict[str, Scores]], questions: Mapping[str
     return out
 
 
+def check_pairs(pairs: Sequence[Sequence[str]], variants: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """``pairs`` as ``(a, b)`` labels of two different variants; a one-line ValueError otherwise."""
+    checked = []
+    for pair in pairs:
+        if isinstance(pair, str) or len(pair) != 2:
+            raise ValueError(f"pairs: {pair!r} is not a pair; expected (label, label) of two variants")
+        a, b = pair
+        for label in (a, b):
+            if label not in variants:
+                raise ValueError(f"pairs: {label!r} is not a variant; expected one of {', '.join(sorted(variants))}")
+        if a == b:
+            raise ValueError(f"pairs: ({a!r}, {b!r}) pairs a variant with itself; expected two different variants")
+        checked.append((a, b))
+    return checked
+
+
+def pair_rows(scores: dict[str, dict[str, Scores]], pairs: Sequence[tuple[str, str]]) -> list[dict]:
+    """Per pair ``(a, b)`` and protocol, the paired comparison ``a − b`` on the images both have
+    (pairs whose variants have no scores yet are left out)."""
+    rows = []
+    for a, b in pairs:
+        for protocol, by_variant in scores.items():
+            if variant_name(a) in by_variant and variant_name(b) in by_variant:
+                rows.append({"a": a, "b": b, "protocol": protocol,
+                             "comparison": compare(by_variant[variant_name(a)], by_variant[variant_name(b)])})
+    return rows
+
+
 def seed_spread(section: pathlib.Path) -> dict[str, list[float]]:
     """Mean ins − del of LA per seed, per protocol, from a reproduction section (its ``results.csv``
     holds seed 0, ``la_seed<k>.csv`` the others); empty when the section is not there."""
@@ -160,6 +192,26 @@ def _table(rows: list[dict]) -> list[str]:
             f"{_ci(diff['deletion']) + ' ' + VERDICT_WORDS[c.verdicts['deletion']] if c else '—'} | "
             f"{row['seconds']:.2f} | {row['passes'] if row['passes'] is not None else '?'} |")
     return lines
+
+
+def _pair_table(rows: list[dict]) -> list[str]:
+    lines = ["| a − b | protocol | n | Δ(ins − del) [95% CI] | verdict (a vs b) | Δ insertion | Δ deletion |",
+             "|---|---|---:|---|---|---|---|"]
+    for row in sorted(rows, key=lambda r: r["protocol"]):
+        c = row["comparison"]
+        cells = [f"{_ci(c.differences[m])} {VERDICT_WORDS[c.verdicts[m]]}" for m in ("insertion", "deletion")]
+        lines.append(f"| `{row['a']}` − `{row['b']}` | {row['protocol']} | {c.n} | "
+                     f"{_ci(c.differences['ins_minus_del'])} | {VERDICT_WORDS[c.verdicts['ins_minus_del']]} | "
+                     f"{cells[0]} | {cells[1]} |")
+    return lines
+
+
+def _pair_paragraph(rows: list[dict]) -> str:
+    parts = [f"`{r['a']}` against `{r['b']}` under `{r['protocol']}`: "
+             f"{VERDICT_WORDS[r['comparison'].verdicts['ins_minus_del']]} "
+             f"(Δ ins − del {_ci(r['comparison'].differences['ins_minus_del'])}, n = {r['comparison'].n})"
+             for r in sorted(rows, key=lambda r: (r["a"], r["protocol"]))]
+    return "**Direct comparisons**: " + ("; ".join(parts) if parts else "no pair finished yet") + "."
 
 
 def _paragraph(question: str, rows: list[dict], total: int) -> str:
@@ -225,9 +277,9 @@ def _figures(section: pathlib.Path, tables: dict[str, list[dict]], spatial_quest
 
 
 def write_report(results_dir: pathlib.Path, name: str, questions: Mapping[str, Sequence[str]],
-                 reproduction: str | None = None) -> pathlib.Path:
+                 reproduction: str | None = None, pairs: Sequence[tuple[str, str]] = ()) -> pathlib.Path:
     """``results_dir/LA_ABLATIONS.md`` (and figures in ``results_dir/la_ablations/<name>/``) from the
-    section's stored ``results.csv`` and ``summary.json``."""
+    section's stored ``results.csv`` and ``summary.json``; ``pairs`` adds direct comparisons."""
     section = results_dir / "la_ablations" / name
     scores, seconds, resolved = read_study(section)
     summary = json.loads((section / "summary.json").read_text())
@@ -278,8 +330,15 @@ def write_report(results_dir: pathlib.Path, name: str, questions: Mapping[str, S
                   "move.", ""]
     lines += ["## Findings", ""]
     lines += [_paragraph(q, rows, total) for q, rows in tables.items()]
+    direct = pair_rows(scores, pairs)
+    if pairs:
+        lines += [_pair_paragraph(direct)]
     for question, rows in tables.items():
         lines += ["", f"## {question}", ""] + (_table(rows) if rows else ["(no variant finished yet)"])
+    if pairs:
+        lines += ["", "## Direct comparisons", "",
+                  "Two variants paired with each other (a − b on the images both have; the verdict says whether "
+                  "a is better than b).", ""] + (_pair_table(direct) if direct else ["(no pair finished yet)"])
     lines += ["", "## Figures", ""] + [f"![{f}](la_ablations/{name}/{f})" for f in figures]
     path = results_dir / "LA_ABLATIONS.md"
     atomic_write(path, lambda f: f.write("\n".join(lines) + "\n"))
