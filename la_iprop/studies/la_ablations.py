@@ -255,19 +255,24 @@ def _figures(section: pathlib.Path, tables: dict[str, list[dict]], spatial_quest
         fig.savefig(section / "spatial_range.png", dpi=90)
         plt.close(fig)
         written.append("spatial_range.png")
+    # Quality against cost: the paired gain over the default (per-image difficulty cancels, so the CIs are
+    # those of the comparison) against model passes per image (the cost that does not depend on the load).
     fig, axes = plt.subplots(1, len(protocols), figsize=(4.5 * len(protocols), 3.6), squeeze=False)
     for ax, protocol in zip(axes[0], protocols, strict=True):
         seen = {}
         for rows in tables.values():
             for r in rows:
-                if r["protocol"] == protocol and r["seconds"] is not None:
+                if r["protocol"] == protocol and r["passes"] is not None:
                     seen[r["variant"]] = r
         for variant, r in seen.items():
-            ci = r["means"]["ins_minus_del"]
-            ax.errorbar(r["seconds"], ci.mean, yerr=[[ci.mean - ci.low], [ci.high - ci.mean]], fmt="o", ms=4)
-            ax.annotate(variant.split(VARIANT_SEPARATOR)[-1], (r["seconds"], ci.mean), fontsize=7,
+            c = r.get("vs_default")
+            ci = c.differences["ins_minus_del"] if c else None
+            mean, err = (ci.mean, [[ci.mean - ci.low], [ci.high - ci.mean]]) if ci else (0.0, None)
+            ax.errorbar(r["passes"], mean, yerr=err, fmt="o" if c else "s", ms=4)
+            ax.annotate(variant.split(VARIANT_SEPARATOR)[-1], (r["passes"], mean), fontsize=7,
                         xytext=(3, 3), textcoords="offset points")
-        ax.set(xscale="log", xlabel="seconds per image (this run's device)", ylabel="ins − del (95% CI)",
+        ax.axhline(0.0, color="grey", lw=0.8)
+        ax.set(xscale="log", xlabel="model passes per image", ylabel="Δ ins − del vs la (paired 95% CI)",
                title=f"protocol {protocol}")
     fig.tight_layout()
     fig.savefig(section / "quality_vs_cost.png", dpi=90)
@@ -339,7 +344,12 @@ def write_report(results_dir: pathlib.Path, name: str, questions: Mapping[str, S
         lines += ["", "## Direct comparisons", "",
                   "Two variants paired with each other (a − b on the images both have; the verdict says whether "
                   "a is better than b).", ""] + (_pair_table(direct) if direct else ["(no pair finished yet)"])
-    lines += ["", "## Figures", ""] + [f"![{f}](la_ablations/{name}/{f})" for f in figures]
+    captions = {"spatial_range.png": "Mean ins − del (95% CI) against the spatial range s",
+                "quality_vs_cost.png": "Each variant's paired difference to the default in ins − del (95% CI) "
+                                       "against its model passes per image"}
+    lines += ["", "## Figures", ""]
+    for f in figures:
+        lines += [f"{captions[f]}:", "", f"![{f}](la_ablations/{name}/{f})", ""]
     path = results_dir / "LA_ABLATIONS.md"
     atomic_write(path, lambda f: f.write("\n".join(lines) + "\n"))
     return path
