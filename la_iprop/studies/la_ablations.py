@@ -334,10 +334,10 @@ def write_report(results_dir: pathlib.Path, name: str, questions: Mapping[str, S
                   + ". A difference to the default smaller than this range is within what the target draws alone "
                   "move.", ""]
     lines += ["## Findings", ""]
-    lines += [_paragraph(q, rows, total) for q, rows in tables.items()]
+    lines += ["- " + _paragraph(q, rows, total) for q, rows in tables.items()]  # a list: one item per question
     direct = pair_rows(scores, pairs)
     if pairs:
-        lines += [_pair_paragraph(direct)]
+        lines += ["- " + _pair_paragraph(direct)]
     for question, rows in tables.items():
         lines += ["", f"## {question}", ""] + (_table(rows) if rows else ["(no variant finished yet)"])
     if pairs:
