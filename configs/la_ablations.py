@@ -8,8 +8,9 @@ strategy, local vs global exploration), with paired CIs against the default LA.
 One run of the engine on the 64 la1000 images of cpu_quick_64 (every 15th), EfficientNet-Lite0,
 float32, protocols la and rise; every variant is `la` at the quick settings (s=10, T=10, K=6) with
 the overrides below, computed batch-major on the same images. Cost on a 2-core CPU (AMD EPYC Zen
-4): about 31 minutes per batch of 8 images for all 18 variants (4 to 5 hours in all; the official
-default sets are a third of it). Results: results/LA_ABLATIONS.md, results/la_ablations/cpu_quick_64/.
+4), measured: about 23 minutes per batch of 8 images for all 18 variants with the CPU to itself (about 3
+hours in all; 8.3 h of wall-clock computing beside other niced runs; the official default sets are a
+third of it). Results: results/LA_ABLATIONS.md, results/la_ablations/cpu_quick_64/.
 """
 
 import ml_collections
